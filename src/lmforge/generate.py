@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import fast_decoding
 
 @dataclass
 class Sampling:
@@ -252,11 +253,12 @@ class Generates:
         was_training = self.training
         self.eval()
         try:
-            model, ids, mask = self._decoder_for(input_ids, attention_mask)
-            if s.num_beams > 1:
-                new = beam_search(model, ids, mask, s)
-            else:
-                new = torch.stack(list(decode_steps(model, ids, mask, s, tokenizer)), 1)
+            with fast_decoding(self):
+                model, ids, mask = self._decoder_for(input_ids, attention_mask)
+                if s.num_beams > 1:
+                    new = beam_search(model, ids, mask, s)
+                else:
+                    new = torch.stack(list(decode_steps(model, ids, mask, s, tokenizer)), 1)
         finally:
             self.train(was_training)
         return torch.cat((ids, new), 1)
@@ -266,7 +268,7 @@ class Generates:
         """Like `generate`, but yields each new token (B,) as soon as it is chosen."""
         s = self._sampling(kwargs)
         self.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_decoding(self):
             model, ids, mask = self._decoder_for(input_ids, attention_mask)
             yield from decode_steps(model, ids, mask, s, tokenizer)
 

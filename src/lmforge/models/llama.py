@@ -143,9 +143,15 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        cos, sin = rotary_tables(config.head_dim, config.rope_theta, config.max_len)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_len, D)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (max_len, D) each, made on first use
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, 1, T, D) for position ids (B, T); the tables are built once per device."""
+        if self._rope is None or self._rope[0].device != position_ids.device:
+            c = self.config
+            self._rope = rotary_tables(c.head_dim, c.rope_theta, c.max_len, position_ids.device)
+        cos, sin = self._rope
+        return cos[position_ids][:, None].to(dtype), sin[position_ids][:, None].to(dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -158,9 +164,9 @@ class Llama(nn.Module):
         if int(position_ids.max()) >= self.config.max_len:
             raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the context "
                              f"length of this model ({self.config.max_len})")
-        rope = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]  # (B, 1, T, D)
-        mask, is_causal = build_mask(attention_mask, T, causal=True, past_len=past)
         x = self.embed(input_ids)
+        rope = self.rope(position_ids, x.dtype)
+        mask, is_causal = build_mask(attention_mask, T, causal=True, past_len=past)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, is_causal, rope, cache.layers[i] if cache is not None else None,
                       prefix[i] if prefix is not None else None)
@@ -176,7 +182,11 @@ class LlamaForCausalLM(Generates, nn.Module):
         self.model = Llama(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.apply(self._init_weights)
-        if config.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head when the config says so."""
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed.weight
 
     def _init_weights(self, module: nn.Module) -> None:
