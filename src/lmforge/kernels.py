@@ -59,18 +59,25 @@ def _fast_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
+MIN_MODEL_BYTES = 64 << 20  # smaller models stay in the CPU caches, where the BLAS GEMV is fast already
+MIN_WEIGHT_ELEMENTS = 1 << 16  # tiny matrices: compiling them costs more than it saves
+
+
 def enabled(model: nn.Module) -> bool:
-    """Fast decoding applies to fp32 models on the CPU unless LMFORGE_FAST_DECODE=0."""
+    """Fast decoding applies to fp32 CPU models larger than the caches, unless LMFORGE_FAST_DECODE=0."""
     if os.environ.get("LMFORGE_FAST_DECODE", "1") == "0" or _broken:
         return False
     weight = next(model.parameters(), None)
-    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+            and size >= MIN_MODEL_BYTES)
 
 
 @contextlib.contextmanager
 def fast_decoding(model: nn.Module):
     """Within the block, single-token calls of the model's nn.Linear layers use `gemv`."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear] if enabled(model) else []
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
+    linears = linears if enabled(model) else []
     for m in linears:
         m.forward = types.MethodType(_fast_forward, m)
     try:

@@ -1,0 +1,7 @@
+"""`python -m lmforge` (and `torchrun -m lmforge`) run the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

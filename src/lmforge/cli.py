@@ -1,0 +1,171 @@
+"""The `lmforge` command: `lmforge VERB ...`, a dict from verb to the function that runs it.
+
+Every verb has `--help`. Errors a user can act on (a missing path, an unsupported checkpoint, a
+prompt longer than the context) print one line to stderr and exit with status 2, no traceback;
+set LMFORGE_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+
+
+# ------------------------------------------------------------------------------------------ verbs
+
+def cmd_generate(args) -> None:
+    """Continue a prompt; prints only the continuation."""
+    import torch
+
+    from .generate import stream_text
+    from .models.hub import load
+
+    model, tokenizer = _load_generator(args.model, load)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=not args.chat)])
+    tokens = model.stream(ids, tokenizer=tokenizer, **_sampling_args(args))
+    for piece in stream_text(tokens, tokenizer):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    """Talk to a model with its chat template, streaming the answer to the terminal."""
+    from .chat import chat_loop
+    from .models.hub import load
+
+    model, tokenizer = _load_generator(args.model, load)
+    chat_loop(model, tokenizer, system=args.system, messages=args.message, sampling=_sampling_args(args))
+
+
+def cmd_info(args) -> None:
+    """Print what a model is: family, architecture, sizes, tokenizer, files."""
+    from .info import describe
+
+    print(json.dumps(describe(args.model), indent=2, ensure_ascii=False))
+
+
+def cmd_convert(args) -> None:
+    """Convert a GGUF file or Hugging Face folder to an lmforge/Hugging Face folder."""
+    import torch
+
+    from .models.hub import load, save
+
+    model, tokenizer = load(args.src, dtype=getattr(torch, args.dtype))
+    out = save(model, args.dst, tokenizer, overwrite=args.force)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def cmd_tokenizer_train(args) -> None:
+    """Train a tokenizer on text files."""
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.kind, args.files, args.vocab_size, output=args.output,
+                          min_frequency=args.min_frequency, lowercase=args.lowercase)
+    print(f"wrote {args.output} ({len(tok)} tokens)", file=sys.stderr)
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+def _load_generator(name: str, load):
+    model, tokenizer = load(name)
+    if not hasattr(model, "generate"):
+        raise ValueError(f"{name} is an encoder ({type(model).__name__}); it cannot generate text")
+    if tokenizer is None:
+        raise ValueError(f"{name} has no tokenizer files (tokenizer.json or vocab.txt)")
+    return model, tokenizer
+
+
+def _sampling_args(args) -> dict:
+    sample = args.temperature > 0 and not args.greedy
+    kw = {"max_new_tokens": args.max_new_tokens, "do_sample": sample,
+          "repetition_penalty": args.repetition_penalty, "stop_strings": args.stop or [], "seed": args.seed}
+    if sample:
+        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return kw
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate (default %(default)s)")
+    g.add_argument("--greedy", action="store_true", help="always pick the most likely token (ignores --temperature)")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help="sampling temperature; 0 means greedy (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling probability mass (default 1.0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop when TEXT appears (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    model_help = "a Hugging Face folder, a .gguf file, an alias (minilm, smollm2) or a hub id"
+
+    p = verbs.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p.add_argument("model", help=model_help)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sampling(p, max_new_tokens=64, temperature=0.0)
+    p.set_defaults(run=cmd_generate)
+
+    p = verbs.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__ +
+                         " Interactive on a terminal; otherwise each line of stdin (or each --message) is one turn.")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("-m", "--message", action="append", help="a user message; repeat for several turns (no prompt)")
+    _add_sampling(p, max_new_tokens=256, temperature=0.0)
+    p.set_defaults(run=cmd_chat)
+
+    p = verbs.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
+    p.add_argument("model", help=model_help)
+    p.set_defaults(run=cmd_info)
+
+    p = verbs.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
+    p.add_argument("src", help=model_help)
+    p.add_argument("dst", help="output folder (loads in lmforge and transformers)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(run=cmd_convert)
+
+    tok = verbs.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
+    tok_verbs = tok.add_subparsers(dest="tokenizer_verb", metavar="VERB", required=True)
+    p = tok_verbs.add_parser("train", help=cmd_tokenizer_train.__doc__, description=cmd_tokenizer_train.__doc__ +
+                             " bpe: byte-level BPE (GPT-2/Llama); wordpiece: BERT, CJK split per character;"
+                             " unigram: T5.")
+    p.add_argument("files", nargs="+", help="text files or folders of .txt files")
+    p.add_argument("--kind", required=True, choices=["bpe", "wordpiece", "unigram"])
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--output", required=True, help="folder to write (loads with AutoTokenizer)")
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--lowercase", action="store_true", help="lowercase text (wordpiece)")
+    p.set_defaults(run=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lmforge {args.verb}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
