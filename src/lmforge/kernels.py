@@ -27,26 +27,32 @@ _kernels: dict[tuple, object] = {}
 _broken = False  # set when compiling failed once: don't retry on every call
 
 
-def _row_times_matrix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (1, K) . weight (N, K) -> (1, N), written as multiply-and-sum so inductor fuses it."""
-    y = (x * weight).sum(-1)[None]
-    return y if bias is None else y + bias
+def _row_times_matrix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (1, K) . weight (N, K) -> (N,), as multiply-and-sum so inductor emits one streaming loop.
+
+    Nothing else may be fused in: an epilogue (bias, reshape) makes inductor pick a slow layout.
+    """
+    return (x * weight).sum(-1)
 
 
-def _kernel(weight: torch.Tensor, bias: torch.Tensor | None):
-    key = (*weight.shape, weight.dtype, bias is not None)
-    if key not in _kernels:  # one compiled function per shape: no recompile limits, no dynamic shapes
-        _kernels[key] = torch.compile(_row_times_matrix, dynamic=False, fullgraph=True)
+def _kernel(weight: torch.Tensor):
+    key = (*weight.shape, weight.dtype)
+    if key not in _kernels:
+        # A distinct code object per shape: each gets its own compile cache, so many shapes never
+        # hit dynamo's recompile limit (past it, dynamo silently falls back to slow eager code).
+        code = _row_times_matrix.__code__.replace(co_name=f"gemv_{key[0]}x{key[1]}")
+        fn = types.FunctionType(code, _row_times_matrix.__globals__)
+        _kernels[key] = torch.compile(fn, dynamic=False, fullgraph=True)
     return _kernels[key]
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a single row x (..., K) with one row in total, through the compiled kernel."""
+    """F.linear for an input x (..., K) holding a single row, through the compiled kernel."""
     global _broken
     if not _broken:
         try:
-            y = _kernel(weight, bias)(x.reshape(1, -1), weight, bias)
-            return y.view(*x.shape[:-1], weight.shape[0])
+            y = _kernel(weight)(x.reshape(1, -1), weight).view(*x.shape[:-1], weight.shape[0])
+            return y if bias is None else y + bias
         except Exception as e:  # noqa: BLE001 - any compiler failure means: use the library kernel
             _broken = True
             log.warning("fast decoding disabled, torch.compile failed: %s", str(e).splitlines()[0][:200])

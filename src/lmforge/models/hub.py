@@ -160,12 +160,13 @@ def _load_state(model: nn.Module, state: dict, path: Path, same_head: bool, assi
         raise CheckpointError(f"{path}: weights do not match the architecture; missing: {missing[:8]}, "
                               f"unexpected: {unexpected[:8]}")
     backbone = next((name for name in BACKBONES if hasattr(model, name)), None)
-    lost = [k for k in missing if backbone is None or k.startswith(backbone + ".")]
+    lost = [k for k in missing if ".pooler." not in f".{k}" and (backbone is None or k.startswith(backbone + "."))]
     if lost:
         raise CheckpointError(f"{path}: backbone weights missing from the checkpoint: {lost[:8]}")
 
 
 BACKBONES = ("model", "bert", "transformer")  # attribute holding the backbone in head models
+# BERT's pooler counts as head: masked-LM checkpoints have none, and a classifier gets a fresh one.
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
