@@ -71,6 +71,13 @@ def cmd_tokenizer_train(args) -> None:
     print(f"wrote {args.output} ({len(tok)} tokens)", file=sys.stderr)
 
 
+def cmd_demo(args) -> None:
+    """A tour on real weights and data that install from the package index (offline)."""
+    from .demo import main as demo
+
+    demo()
+
+
 # -------------------------------------------------------------------------------------- helpers
 
 def _load_generator(name: str, load):
@@ -105,7 +112,12 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int, temperature: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Build, pretrain, fine-tune, evaluate and serve Transformer language models.",
+        epilog="examples:\n  lmforge chat smollm2\n  lmforge generate smollm2 --prompt 'Once upon a time' --greedy\n"
+               "  lmforge info minilm\n  lmforge convert model.gguf my-model/\n\n"
+               "Run `lmforge VERB --help` for the options of a verb. LMFORGE_DEBUG=1 shows tracebacks.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     model_help = "a Hugging Face folder, a .gguf file, an alias (minilm, smollm2) or a hub id"
 
@@ -134,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=cmd_convert)
+
+    p = verbs.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
+    p.set_defaults(run=cmd_demo)
 
     tok = verbs.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
     tok_verbs = tok.add_subparsers(dest="tokenizer_verb", metavar="VERB", required=True)

@@ -1,0 +1,1 @@
+"""Data: readers for text and labeled files, corpus -> token shards, batching."""
