@@ -86,6 +86,14 @@ def test_bpe_round_trips_mixed_text_and_matches_transformers(slices, auto_tokeni
     assert Tokenizer.from_dir(tmp_path / "bpe").encode_batch(MIXED) == tok.encode_batch(MIXED)
 
 
+def test_char_level_is_one_token_per_character_and_matches_transformers(slices, auto_tokenizer, tmp_path):
+    tok = train_tokenizer("char", slices, vocab_size=100_000, output=tmp_path / "char")
+    text = (slices / "tinyshakespeare.txt").read_text(encoding="utf-8")[:3000]
+    assert len(tok.encode(text)) == len(text) and tok.decode(tok.encode(text)) == text
+    assert tok.encode("\u2603") == [tok.unk_id]  # an unseen character
+    _assert_same_as_hf(tok, auto_tokenizer.from_pretrained(tmp_path / "char"), [text[:500], "你好。\n\nHi"])
+
+
 def test_wordpiece_splits_cjk_per_character_and_matches_transformers(slices, auto_tokenizer, tmp_path):
     tok = train_tokenizer("wordpiece", slices, vocab_size=2000, output=tmp_path / "wp")
     assert [tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.unk_id] == [2, 3, 0, 4, 1]

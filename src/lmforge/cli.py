@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
 
@@ -57,6 +58,10 @@ def cmd_convert(args) -> None:
 
     from .models.hub import load, save
 
+    dst = Path(args.dst)
+    if dst.is_dir() and any(dst.iterdir()) and not args.force:  # say so before a long load, and name the flag
+        raise FileExistsError(f"{dst} already exists and is not empty; choose another folder or pass --force "
+                              "to replace it")
     model, tokenizer = load(args.src, dtype=getattr(torch, args.dtype))
     out = save(model, args.dst, tokenizer, overwrite=args.force)
     print(f"wrote {out}", file=sys.stderr)
@@ -154,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok_verbs = tok.add_subparsers(dest="tokenizer_verb", metavar="VERB", required=True)
     p = tok_verbs.add_parser("train", help=cmd_tokenizer_train.__doc__, description=cmd_tokenizer_train.__doc__ +
                              " bpe: byte-level BPE (GPT-2/Llama); wordpiece: BERT, CJK split per character;"
-                             " unigram: T5.")
+                             " unigram: T5; char: one token per character.")
     p.add_argument("files", nargs="+", help="text files or folders of .txt files")
-    p.add_argument("--kind", required=True, choices=["bpe", "wordpiece", "unigram"])
+    p.add_argument("--kind", required=True, choices=["bpe", "wordpiece", "unigram", "char"])
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--output", required=True, help="folder to write (loads with AutoTokenizer)")
     p.add_argument("--min-frequency", type=int, default=2)

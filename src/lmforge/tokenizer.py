@@ -244,7 +244,8 @@ def train_tokenizer(kind: str, files, vocab_size: int, output=None, min_frequenc
     """Train a tokenizer on text files, streamed by the Rust library (with its progress bars).
 
     Args:
-        kind: "bpe" (byte-level, GPT-2 style, for decoders), "wordpiece" (BERT) or "unigram" (T5).
+        kind: "bpe" (byte-level, GPT-2 style, for decoders), "wordpiece" (BERT), "unigram" (T5) or
+            "char" (one token per character, as nanoGPT's character-level models).
         files: a file, a folder (all its *.txt files, sorted) or a list of them.
         vocab_size: wanted vocabulary size, special tokens included. WordPiece and Unigram always keep
             every character they saw, so with many CJK characters the result can be larger.
@@ -252,7 +253,8 @@ def train_tokenizer(kind: str, files, vocab_size: int, output=None, min_frequenc
         min_frequency: a BPE/WordPiece merge must be seen this often (Unigram has no such knob).
         lowercase: lowercase the text first (WordPiece also strips accents then, as uncased BERT).
     """
-    builders = {"bpe": _new_byte_level_bpe, "wordpiece": _new_wordpiece, "unigram": _new_unigram}
+    builders = {"bpe": _new_byte_level_bpe, "wordpiece": _new_wordpiece, "unigram": _new_unigram,
+                "char": _new_char_level}
     if kind not in builders:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(builders)}")
     paths = _training_files(files)
@@ -331,6 +333,18 @@ def _new_unigram(vocab_size, min_frequency, lowercase):
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, show_progress=True, unk_token=T5_SPECIALS["unk"],
                                       special_tokens=list(T5_SPECIALS.values()))
     return backend, trainer, dict(T5_SPECIALS)
+
+
+def _new_char_level(vocab_size, min_frequency, lowercase):
+    """Every character its own token (nanoGPT's shakespeare_char): unseen characters map to unk."""
+    backend = Backend(models.WordLevel(unk_token=GPT_SPECIAL))
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?m:.)"), behavior="isolated")  # (?m) = dot matches newlines in Oniguruma
+    backend.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=True,
+                                        special_tokens=[GPT_SPECIAL])
+    return backend, trainer, dict.fromkeys(("bos", "eos", "unk", "pad"), GPT_SPECIAL)
 
 
 # ---- pieces shared by the builders --------------------------------------------------------------
