@@ -41,8 +41,10 @@ def fit_context(tokenizer, conversation: list[dict], max_len: int | None, reserv
 
 
 def chat_loop(model, tokenizer, system: str | None = None, messages: list[str] | None = None,
-              sampling: dict | None = None, out=sys.stdout) -> list[dict]:
-    """Run a conversation; each answer streams to `out`. Returns the conversation."""
+              sampling: dict | None = None, out=None) -> list[dict]:
+    """Run a conversation; each answer streams to `out` (default: the current sys.stdout). Returns the
+    conversation."""
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     sampling = dict(sampling or {})
     conversation = [{"role": "system", "content": system}] if system else []
     interactive = not messages and sys.stdin.isatty()

@@ -16,6 +16,7 @@ import torch
 
 from .kernels import fast_decoding
 
+
 @dataclass
 class Sampling:
     """How to pick the next token. The defaults are greedy decoding."""
@@ -274,8 +275,9 @@ class Generates:
 
 
 def stream_text(tokens: Iterator[torch.Tensor], tokenizer, skip_special_tokens: bool = True) -> Iterator[str]:
-    """Turn a batch-1 token stream into text pieces, holding back incomplete UTF-8 characters."""
-    ids, shown = [], ""
+    """Turn a batch-1 token stream into text pieces, holding back incomplete UTF-8 characters until
+    a later token completes them; what is still held at the end is shown as decoding shows it (U+FFFD)."""
+    ids, shown, text = [], "", ""
     for token in tokens:
         ids.append(int(token[0]))
         text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -283,3 +285,5 @@ def stream_text(tokens: Iterator[torch.Tensor], tokenizer, skip_special_tokens: 
             continue  # a multi-byte character split across tokens: wait for the rest
         yield text[len(shown):]
         shown = text
+    if len(text) > len(shown):
+        yield text[len(shown):]  # the stream ended inside a character (e.g. at max_new_tokens)

@@ -62,7 +62,12 @@ def _download(repo_id: str) -> Path:
         raise FileNotFoundError(f"{repo_id} is not a local path; to download it from the Hugging Face Hub, "
                                 "install `pip install huggingface_hub`") from None
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
-    return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except OSError as e:  # offline, unknown or gated repo: huggingface_hub's errors are all OSErrors
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # its messages run to many lines
+        raise FileNotFoundError(f"{repo_id}: no such file or folder, and not found on the Hugging Face Hub "
+                                f"either ({reason})") from None
 
 
 def read_config(folder: Path) -> dict:
