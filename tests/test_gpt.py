@@ -139,15 +139,14 @@ def test_generate_matches_hf(pair, num_beams, stop):
     assert torch.equal(ours.generate(ids, mask, **kw), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="generate.beam_search keeps adding hypotheses to a row whose "
-                   "early-stop test already passed while other rows run on; transformers freezes that row")
 def test_beam_search_row_does_not_depend_on_batch(pair):
     hf, ours = pair
     ids, mask = left_padded([6, 9, 3])
     kw = {"max_new_tokens": 10, "num_beams": 3, "pad_token_id": PAD, "eos_token_id": 79}
     alone = ours.generate(ids[2:, 6:], **kw)[0, 3:]  # row 2 has 3 real tokens
     assert torch.equal(alone, hf.generate(ids[2:, 6:], **kw)[0, 3:])
-    assert torch.equal(ours.generate(ids, mask, **kw)[2, 9:], alone)
+    in_batch = ours.generate(ids, mask, **kw)[2, 9:]  # padded to the longest row of the batch
+    assert torch.equal(in_batch[: len(alone)], alone) and bool((in_batch[len(alone):] == PAD).all())
 
 
 def test_kv_cache_matches_full_forward(pair):

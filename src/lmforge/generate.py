@@ -157,14 +157,15 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: let only the first expand at step 0
     tokens = ids.new_zeros(B * K, 0)
     done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
-    eos = set(s.eos_token_id)
+    eos, finished = set(s.eos_token_id), [False] * B  # finished rows keep their hypotheses as they are
     for step in range(s.max_new_tokens):
         logp = process_logits(logits, torch.cat((ids, tokens), 1), s).log_softmax(-1)
         V = logp.shape[-1]
         total = (beam_scores.view(-1, 1) + logp).view(B, K * V)
         top_scores, top_idx = total.topk(2 * K, dim=1)  # (B, 2K): room for beams that end at EOS
-        beam_scores, chosen = _advance_beams(top_scores, top_idx, V, K, eos, done, tokens, step, s)
-        if all(len(d) >= K for d in done) and s.length_penalty >= 0 and _best_cannot_improve(done, beam_scores, step, s):
+        beam_scores, chosen = _advance_beams(top_scores, top_idx, V, K, eos, done, tokens, step, s, finished)
+        finished = [f or _cannot_improve(d, scores, step, s, K) for f, d, scores in zip(finished, done, beam_scores)]
+        if all(finished):
             break
         cache.reorder(chosen[0])
         tokens = torch.cat((tokens[chosen[0]], chosen[1][:, None]), 1)
@@ -175,21 +176,22 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return _best_hypotheses(done, tokens, beam_scores, s)
 
 
-def _advance_beams(top_scores, top_idx, V, K, eos, done, tokens, step, s):
+def _advance_beams(top_scores, top_idx, V, K, eos, done, tokens, step, s, finished):
     """Split the 2K candidates per row into finished hypotheses (EOS) and the K live beams."""
     B = top_scores.shape[0]
     new_scores = torch.full((B, K), float("-inf"), device=top_scores.device)
-    src_beam = torch.zeros(B * K, dtype=torch.long, device=top_scores.device)
+    src_beam = torch.arange(B * K, device=top_scores.device)  # finished rows: beams stay where they are
     new_tok = torch.zeros(B * K, dtype=torch.long, device=top_scores.device)
     for b in range(B):
+        if finished[b]:
+            continue
         kept = 0
-        for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+        for rank, (score, idx) in enumerate(zip(top_scores[b].tolist(), top_idx[b].tolist())):
             beam, tok = b * K + idx // V, idx % V
             if tok in eos:
-                if len(done[b]) < K or score / (step + 1) ** s.length_penalty > min(d[0] for d in done[b]):
-                    done[b].append((score / (step + 1) ** s.length_penalty, torch.cat((tokens[beam], tokens.new_tensor([tok])))))
-                    done[b].sort(key=lambda d: -d[0])
-                    del done[b][K:]
+                if rank < K:  # only the top K candidates may finish (as in transformers)
+                    hypothesis = torch.cat((tokens[beam], tokens.new_tensor([tok])))
+                    _keep_best(done[b], score / (step + 1) ** s.length_penalty, hypothesis, K)
                 continue
             new_scores[b, kept], src_beam[b * K + kept], new_tok[b * K + kept] = score, beam, tok
             kept += 1
@@ -198,11 +200,19 @@ def _advance_beams(top_scores, top_idx, V, K, eos, done, tokens, step, s):
     return new_scores, (src_beam, new_tok)
 
 
-def _best_cannot_improve(done, beam_scores, step, s) -> bool:
-    """No live beam can beat the worst finished hypothesis any more (scores only fall)."""
-    best_live = beam_scores.max(1).values / (step + 1) ** s.length_penalty
-    worst_done = torch.tensor([min(d[0] for d in row) for row in done], device=best_live.device)
-    return bool((best_live <= worst_done).all())
+def _keep_best(done: list, score: float, hypothesis: torch.Tensor, K: int) -> None:
+    """Add a finished hypothesis if it is among the K best so far."""
+    done.append((score, hypothesis))
+    done.sort(key=lambda d: -d[0])
+    del done[K:]
+
+
+def _cannot_improve(done: list, scores: torch.Tensor, step: int, s: Sampling, K: int) -> bool:
+    """A row is finished when it has K hypotheses and no live beam can beat the worst of them
+    (log-probabilities only fall; transformers' heuristic for early_stopping=False)."""
+    if len(done) < K or s.length_penalty < 0:
+        return False
+    return float(scores.max()) / (step + 1) ** s.length_penalty <= min(d[0] for d in done)
 
 
 def _best_hypotheses(done, tokens, beam_scores, s) -> torch.Tensor:
