@@ -1,0 +1,1 @@
+"""Training: the one `fit()` loop, optimizer and schedule, checkpoints, distributed set-up, run logging."""

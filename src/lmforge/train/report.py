@@ -1,0 +1,86 @@
+"""The end of a run: PNG plots of its curves and a `report.md` a person reads first."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..config import to_yaml
+
+
+def plot_curves(folder: Path, records: list[dict]) -> list[str]:
+    """loss.png (train and validation), perplexity.png, lr.png; returns the file names written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are an optional extra: `pip install lmforge[train]`
+        return []
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    curves = {
+        "loss.png": ("loss", [("train", train, "loss"), ("validation", val, "val_loss")]),
+        "perplexity.png": ("perplexity", [("validation", val, "val_ppl")]),
+        "lr.png": ("learning rate", [("lr", train, "lr")]),
+    }
+    written = []
+    for name, (ylabel, series) in curves.items():
+        if not any(rows for _, rows, _ in series):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        for label, rows, key in series:
+            if rows:
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label,
+                        marker="o" if len(rows) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / name)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(run, cfg, model, state: dict, wall_seconds: float) -> Path | None:
+    """Write `report.md`: what was trained, on what, how it went, where the results are."""
+    records = run.records()
+    plots = plot_curves(run.folder, records) if run.main else []
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    val = [r for r in records if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"]) if val else None
+    source = getattr(cfg.model, "preset", None) or getattr(cfg.model, "init_from", "")
+    objective = getattr(getattr(cfg, "task", None), "objective", "?")
+    lines = [
+        f"# Run `{run.folder.name}`", "",
+        f"- model: {type(model).__name__} ({source}), {params / 1e6:.2f}M parameters",
+        f"- objective: {objective}, {state.get('step', 0)} steps, {state.get('tokens', 0):,} tokens",
+        f"- wall time: {_duration(wall_seconds)} (training {_duration(state.get('elapsed', 0.0))})",
+        f"- final training loss: {_num(state.get('loss'))}",
+    ]
+    if best is not None:
+        last = val[-1]
+        lines.append(f"- validation: last loss {_num(last['val_loss'])} (perplexity {_num(last['val_ppl'])}), "
+                     f"best {_num(best['val_loss'])} at step {best['step']}")
+    if plots:
+        lines += ["", "## Curves", "", *(f"![{p}]({p})" for p in plots)]
+    load_hint = "(`lmforge.load(\"<run>/final\")`, or `transformers.AutoModel*.from_pretrained`)"
+    lines += ["", "## Files", "",
+              f"- `final/` — the trained model and tokenizer in Hugging Face layout {load_hint}",
+              "- `step-N/` — checkpoints to resume from (`resume=true`)",
+              "- `metrics.jsonl` — one JSON object per logged step; `tensorboard/` — the same for TensorBoard",
+              "- `config.yaml` — the resolved configuration of this run", "",
+              "## Configuration", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
+    return run.write_text("report.md", "\n".join(lines))
+
+
+def _num(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes else f"{s} s"
