@@ -76,6 +76,21 @@ def cmd_tokenizer_train(args) -> None:
     print(f"wrote {args.output} ({len(tok)} tokens)", file=sys.stderr)
 
 
+def cmd_pretrain(args) -> None:
+    """Pretrain a model on unlabeled text (causal LM, masked LM + NSP, or T5 span corruption)."""
+    from .pretrain import main as pretrain
+
+    state = pretrain(args.config, args.overrides, resume=args.resume)
+    print(f"done: {state['step']} steps, final loss {state.get('loss', float('nan')):.4f}", file=sys.stderr)
+
+
+def cmd_data_prepare(args) -> None:
+    """Tokenize a corpus into memory-mapped token shards with a document index and a validation split."""
+    from .data.prepare import run
+
+    run(args)
+
+
 def cmd_demo(args) -> None:
     """A tour on real weights and data that install from the package index (offline)."""
     from .demo import main as demo
@@ -152,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=cmd_convert)
 
+    p = verbs.add_parser("pretrain", help=cmd_pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=cmd_pretrain.__doc__ + "\n\nexample:\n  lmforge pretrain "
+                         "configs/pretrain/shakespeare-char-cpu.yaml run.name=try1 train.max_steps=500\n"
+                         "  torchrun --nproc-per-node 2 -m lmforge pretrain CONFIG   (DDP; gloo on CPU)")
+    p.add_argument("config", help="a YAML recipe, e.g. configs/pretrain/shakespeare-char-cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.set_defaults(run=cmd_pretrain)
+
+    data = verbs.add_parser("data", help="prepare corpora", description="Data tools.")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)
+    p = data_verbs.add_parser("prepare", help=cmd_data_prepare.__doc__, description=cmd_data_prepare.__doc__)
+    from .data.prepare import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=cmd_data_prepare)
+
     p = verbs.add_parser("demo", help=cmd_demo.__doc__, description=cmd_demo.__doc__)
     p.set_defaults(run=cmd_demo)
 
@@ -171,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # `key=value` overrides after an option (`CONFIG --resume a.b=c`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except USER_ERRORS as e:

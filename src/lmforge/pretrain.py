@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from .config import ConfigError, load_config, to_yaml
 from .train.loop import TrainConfig
 
@@ -102,10 +104,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
     run.write_text("config.yaml", to_yaml(cfg))
     started = time.time()
     tokenizer, shards = _data(cfg, folder, d, barrier)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every process
     model = build_model(cfg, tokenizer)
+    torch.manual_seed(cfg.train.seed + d.rank)  # dropout differs between processes
     task = build_task(cfg, tokenizer, shards, model.config)
     state = fit(model, task, cfg.train, run, d, resume_from=resume_from)
     if d.main:
+        if cfg.task.objective == "span":
+            from .tasks.span import add_sentinel_tokens
+
+            add_sentinel_tokens(tokenizer)  # <extra_id_N> at the ids training used, as T5's tokenizer has
         save(model.cpu(), folder / "final", tokenizer, overwrite=True)
         write_report(run, cfg, model, state, time.time() - started)
     run.close()

@@ -47,7 +47,8 @@ class TrainConfig:
     eval_every: int = 250
     """Validate every this many steps (and at the end); 0 = only at the end."""
     eval_batches: int = 0
-    """Validation batches per evaluation; 0 = the whole validation split."""
+    """Validation batches per periodic evaluation; 0 = the whole validation split. The evaluation at
+    the end of training always covers the whole split."""
     log_every: int = 10
     save_every: int = 0
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
@@ -152,8 +153,10 @@ def evaluate(model, task, d: Dist, max_batches: int = 0, autocast=None) -> dict:
 
 
 def _evaluate_and_check(model, task, cfg, run, d, state, step, autocast) -> bool:
-    """Validate, log, remember the best weights; True when early stopping says stop."""
-    metrics = evaluate(model, task, d, cfg.eval_batches, autocast)
+    """Validate (the last evaluation on the whole validation split), log, remember the best weights;
+    True when early stopping says stop."""
+    whole = step == cfg.max_steps
+    metrics = evaluate(model, task, d, 0 if whole else cfg.eval_batches, autocast)
     run.log({"step": step, **metrics})
     if metrics["val_loss"] < state["best_val_loss"]:
         state["best_val_loss"], state["bad_evals"] = metrics["val_loss"], 0
