@@ -155,7 +155,7 @@ def test_smollm2_greedy_continuation_matches_transformers(smollm2, prompt):
 
 
 def test_smollm2_converts_to_a_folder_both_libraries_load(smollm2, tmp_path):
-    ours, tok, theirs = smollm2
+    ours, tok, _ = smollm2
     hub.save(ours, tmp_path / "smol", tok)
     reloaded, reloaded_tok = lmforge.load(tmp_path / "smol")
     hf_tok = tf.AutoTokenizer.from_pretrained(tmp_path / "smol")

@@ -13,8 +13,8 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.config import load_config
-from lmforge.pretrain import PretrainConfig, _check_objective
 from lmforge.models import all_presets
+from lmforge.pretrain import PretrainConfig, _check_objective
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LMFORGE_DATA", ROOT.parent / "shared/data"))
@@ -127,7 +127,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "lmforge",
                           "pretrain", str(CHAR), *run_dir_args(tmp_path, "run.name=two", *common)],
-                         cwd=ROOT, env=env, capture_output=True, timeout=600)
+                         cwd=ROOT, env=env, capture_output=True, timeout=600, check=False)
     assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(two) == 20  # one line per step: only rank 0 writes
