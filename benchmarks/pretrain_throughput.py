@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.models import gpt
+from lmforge.tasks.clm import CausalLM
 from lmforge.train.optim import build_optimizer
 
 LAYERS, HEADS, DIM, SEQ, VOCAB, BATCH, DROPOUT = 6, 6, 384, 256, 8192, 16, 0.1
@@ -53,10 +53,11 @@ def ours():
                            dropout=DROPOUT, attention_dropout=DROPOUT, bos_token_id=None, eos_token_id=None)
     model = gpt.GPTForCausalLM(config).train()
     optimizer = build_optimizer(model, 3e-4, 0.1, (0.9, 0.95))
+    loss_of = CausalLM.loss  # the task's loss, exactly what fit() calls (sum over targets, then / count)
 
     def step(x, y):
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss_sum, count = loss_of(None, model, {"input_ids": x, "labels": y})
+        loss = loss_sum / count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
