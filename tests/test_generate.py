@@ -15,6 +15,8 @@ def hf_processed(logits, seen, **kw):
     from transformers.generation import logits_process as lp
 
     procs = lp.LogitsProcessorList()
+    if kw.get("min_new_tokens"):
+        procs.append(lp.MinNewTokensLengthLogitsProcessor(10, kw["min_new_tokens"], eos_token_id=[4, 7]))
     if kw.get("repetition_penalty", 1.0) != 1.0:
         procs.append(lp.RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"]))
     if kw.get("temperature", 1.0) != 1.0:
@@ -27,6 +29,7 @@ def hf_processed(logits, seen, **kw):
 
 
 @pytest.mark.parametrize("kw", [
+    {"min_new_tokens": 3},
     {"repetition_penalty": 1.3},
     {"temperature": 0.7},
     {"top_k": 5},
@@ -36,7 +39,7 @@ def hf_processed(logits, seen, **kw):
 def test_logits_processing_matches_transformers(kw):
     torch.manual_seed(0)
     logits, seen = torch.randn(3, 50) * 3, torch.randint(0, 50, (3, 12))
-    ours = process_logits(logits, seen, Sampling(do_sample=True, **kw))
+    ours = process_logits(logits, seen, Sampling(do_sample=True, eos_token_id=[4, 7], **kw), n_new=seen.shape[1] - 10)
     torch.testing.assert_close(ours, hf_processed(logits, seen, **kw))
 
 

@@ -148,10 +148,10 @@ def test_smollm2_gguf_logits_match_transformers(smollm2):
 def test_smollm2_greedy_continuation_matches_transformers(smollm2, prompt):
     ours, tok, theirs = smollm2
     ids = torch.tensor([tok.encode(prompt)])
-    expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                               pad_token_id=tok.pad_id)
-    assert expected.shape[1] > ids.shape[1] + 16  # a real continuation, not an immediate EOS
-    assert torch.equal(ours.generate(ids, max_new_tokens=32), expected)
+    expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, min_new_tokens=32,
+                               do_sample=False, pad_token_id=tok.pad_id)
+    assert expected.shape[1] == ids.shape[1] + 32
+    assert torch.equal(ours.generate(ids, max_new_tokens=32, min_new_tokens=32), expected)
 
 
 def test_smollm2_converts_to_a_folder_both_libraries_load(smollm2, tmp_path):

@@ -22,6 +22,7 @@ class Sampling:
     """How to pick the next token. The defaults are greedy decoding."""
 
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # EOS is forbidden until this many new tokens exist
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
@@ -48,9 +49,12 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to next-token logits (B, V)."""
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, n_new: int = 0) -> torch.Tensor:
+    """Apply min-new-tokens, repetition penalty, temperature, top-k and top-p to next-token logits (B, V);
+    `n_new` is how many tokens were generated so far."""
     logits = logits.float()
+    if n_new < s.min_new_tokens and s.eos_token_id:
+        logits = logits.index_fill(1, torch.tensor(s.eos_token_id, device=logits.device), float("-inf"))
     if s.repetition_penalty != 1.0:
         score = logits.gather(1, seen)
         score = torch.where(score < 0, score * s.repetition_penalty, score / s.repetition_penalty)
@@ -70,9 +74,9 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, s: Sampling) -> tor
     return logits
 
 
-def pick_next(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator=None) -> torch.Tensor:
+def pick_next(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator=None, n_new: int = 0) -> torch.Tensor:
     """Choose one token per row (B,) from logits (B, V)."""
-    logits = process_logits(logits, seen, s)
+    logits = process_logits(logits, seen, s, n_new)
     if not s.do_sample:
         return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
@@ -121,7 +125,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     cache, seen = model.new_cache(B, T + s.max_new_tokens), input_ids
     logits = model(input_ids, attention_mask, cache=cache)[:, -1]  # (B, V)
     for step in range(s.max_new_tokens):
-        token = pick_next(logits, seen, s, generator).masked_fill(finished, pad)
+        token = pick_next(logits, seen, s, generator, step).masked_fill(finished, pad)
         new_tokens.append(token)
         finished |= stop(token, new_tokens)
         yield token
@@ -159,7 +163,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     done: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
     eos, finished = set(s.eos_token_id), [False] * B  # finished rows keep their hypotheses as they are
     for step in range(s.max_new_tokens):
-        logp = process_logits(logits, torch.cat((ids, tokens), 1), s).log_softmax(-1)
+        logp = process_logits(logits, torch.cat((ids, tokens), 1), s, step).log_softmax(-1)
         V = logp.shape[-1]
         total = (beam_scores.view(-1, 1) + logp).view(B, K * V)
         top_scores, top_idx = total.topk(2 * K, dim=1)  # (B, 2K): room for beams that end at EOS
@@ -257,8 +261,8 @@ class Generates:
             input_ids: (B, T) prompts, left-padded when of different lengths.
             attention_mask: (B, T), 1 for tokens and 0 for padding.
             tokenizer: needed only for `stop_strings`.
-            **kwargs: fields of `Sampling` (max_new_tokens, do_sample, temperature, top_k, top_p,
-                repetition_penalty, eos_token_id, pad_token_id, stop_strings, num_beams, seed).
+            **kwargs: fields of `Sampling` (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+                top_p, repetition_penalty, eos_token_id, pad_token_id, stop_strings, num_beams, seed).
         """
         s = self._sampling(kwargs)
         was_training = self.training
