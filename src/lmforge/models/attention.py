@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import dropout
+
 
 class LayerCache:
     """Key/value buffers of one attention layer, preallocated for `max_len` positions.
@@ -169,10 +171,25 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)
         if prefix is not None:
             k, v, mask, is_causal = _prepend_prefix(prefix, k, v, mask, is_causal, q.shape[2])
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.training and self.dropout > 0:
+            y = self._attend_with_dropout(q, k, v, mask, is_causal)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).flatten(2))  # (B, T, H*D) -> (B, T, C)
+
+    def _attend_with_dropout(self, q, k, v, mask, is_causal):
+        """Attention with dropout on the probabilities, spelled out (SDPA falls back to the same
+        steps when dropout is on, with a slower mask)."""
+        if self.n_kv_heads != self.n_heads:
+            k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
+        scores = (q @ k.transpose(-2, -1)) * (self.scale or q.shape[-1] ** -0.5)  # (B, H, T, S)
+        if is_causal:
+            T, S = scores.shape[-2:]
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        elif mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        return dropout(scores.softmax(-1), self.dropout) @ v
 
     def _keys_values(self, x, context, static):
         if static is not None and static.kv is not None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, build_mask
+from .dropout import Dropout
 from .statedict import rename
 
 ACTIVATIONS = {  # transformers' `hidden_act` names
@@ -170,7 +171,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(c.max_len, c.dim)
         self.token_type = nn.Embedding(c.type_vocab_size, c.dim)
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, input_ids, token_type_ids, position_ids):  # (B, T) each -> (B, T, C)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(position_ids)
@@ -199,7 +200,7 @@ class Layer(nn.Module):
         self.attn_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.mlp = MLP(c.dim, c.hidden_dim, c.act)
         self.mlp_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, x, mask, prefix=None):  # x: (B, T, C)
         x = self.attn_norm(x + self.dropout(self.attn(x, mask, prefix=prefix)))
@@ -332,8 +333,8 @@ class BertForNextSentencePrediction(_BertWithHead):
         return self.nsp(self.bert.pooled(hidden))
 
 
-def _classifier_dropout(c: BertConfig) -> nn.Dropout:
-    return nn.Dropout(c.dropout if c.classifier_dropout is None else c.classifier_dropout)
+def _classifier_dropout(c: BertConfig) -> Dropout:
+    return Dropout(c.dropout if c.classifier_dropout is None else c.classifier_dropout)
 
 
 class BertForSequenceClassification(_BertWithHead):

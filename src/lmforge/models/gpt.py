@@ -18,6 +18,7 @@ from torch import nn
 
 from ..generate import Generates
 from .attention import Attention, KVCache, build_mask, positions
+from .dropout import Dropout
 from .statedict import rename
 
 # transformers' `activation_function` names; "gelu_new" (GELU, tanh approximation) is GPT-2's
@@ -123,7 +124,7 @@ class Block(nn.Module):
         self.attn = Attention(c.dim, c.n_heads, bias=True, dropout=c.attention_dropout)
         self.mlp_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.mlp = MLP(c.dim, c.hidden_dim, c.act)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, x, mask, is_causal, cache=None, prefix=None):  # x: (B, T, C)
         x = x + self.dropout(self.attn(self.attn_norm(x), mask, is_causal, cache=cache, prefix=prefix))
@@ -138,7 +139,7 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = nn.Embedding(config.max_len, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
         self.apply(self._init_weights)
@@ -196,8 +197,11 @@ class GPTForCausalLM(Generates, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                prefix: list | None = None) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache, prefix))
+                prefix: list | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Next-token logits (B, T, V); with `return_hidden`, the final hidden states (B, T, C) that the
+        head would read (training uses them with a fused head + loss, `lmforge.losses`)."""
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, prefix)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` positions."""

@@ -197,8 +197,11 @@ class LlamaForCausalLM(Generates, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                prefix: list | None = None) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache, prefix))
+                prefix: list | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Next-token logits (B, T, V); with `return_hidden`, the final hidden states (B, T, C) that the
+        head would read (training uses them with a fused head + loss, `lmforge.losses`)."""
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, prefix)
+        return hidden if return_hidden else self.lm_head(hidden)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` positions."""

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..generate import Generates
 from .attention import Attention, KVCache, build_mask
+from .dropout import Dropout
 from .statedict import rename
 
 
@@ -168,7 +169,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False) if c.gated else None
         self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
-        self.act, self.dropout = ACTIVATIONS[c.activation], nn.Dropout(c.dropout)
+        self.act, self.dropout = ACTIVATIONS[c.activation], Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
@@ -205,7 +206,7 @@ class Block(nn.Module):
         self.cross_norm = T5LayerNorm(c.dim, c.norm_eps) if cross else None
         self.cross_attn = attention() if cross else None
         self.mlp_norm, self.mlp = T5LayerNorm(c.dim, c.norm_eps), MLP(c)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, x, mask, cache=None, context=None, context_mask=None, static=None):  # x: (B, T, C)
         x = x + self.dropout(self.attn(self.attn_norm(x), mask, cache=cache))
@@ -227,7 +228,7 @@ class Stack(nn.Module):
         self.position_bias = RelativePositionBias(c, bidirectional=not decoder)
         self.layers = nn.ModuleList(Block(c, cross=decoder) for _ in range(n_layers))
         self.norm = T5LayerNorm(c.dim, c.norm_eps)
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..losses import linear_cross_entropy, output_head
+
 
 class CausalLM:
     """Predict every next token. Batches: `input_ids` (B, T) and `labels` (B, T), shifted by one."""
@@ -44,9 +46,15 @@ class CausalLM:
                 yield self._windows(self.val.tokens, mine)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, int]:
-        logits = model(batch["input_ids"])  # (B, T, V)
         labels = batch["labels"]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        head = output_head(model)
+        if head is not None:  # the head and the loss fused, never holding all logits
+            hidden = model(batch["input_ids"], return_hidden=True)  # (B, T, C)
+            loss = linear_cross_entropy(hidden.flatten(0, 1), head.weight, labels.flatten())
+        else:
+            logits = model(batch["input_ids"])  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                   reduction="sum")
         return loss, int((labels != -100).sum())
 
 
