@@ -116,6 +116,13 @@ def positions(attention_mask: torch.Tensor | None, past_len: int, q_len: int, de
     return pos.clamp_(min=0)[:, -q_len:]
 
 
+def check_context(position_ids: torch.Tensor, max_len: int) -> None:
+    """A clear error for positions beyond what the model was built for (learned or rotary tables)."""
+    last = int(position_ids.max())
+    if last >= max_len:
+        raise ValueError(f"sequence of {last + 1} positions exceeds the context length of this model ({max_len})")
+
+
 def rotary_tables(head_dim: int, theta: float, max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, D) for rotary position embeddings, computed as transformers does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=device) / head_dim))

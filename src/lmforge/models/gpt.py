@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate import Generates
-from .attention import Attention, KVCache, build_mask, positions
+from .attention import Attention, KVCache, build_mask, check_context, positions
+from .decoder import DecoderLM
 from .dropout import Dropout
 from .statedict import rename
 
@@ -167,9 +167,7 @@ class GPT(nn.Module):
         T = input_ids.shape[1]
         if position_ids is None:
             position_ids = positions(attention_mask, past, T, input_ids.device)
-        if int(position_ids.max()) >= self.config.max_len:
-            raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the context "
-                             f"length of this model ({self.config.max_len})")
+        check_context(position_ids, self.config.max_len)
         x = self.dropout(self.embed(input_ids) + self.pos_embed(position_ids))  # (B, T, C)
         mask, is_causal = build_mask(attention_mask, T, causal=True, past_len=past)
         for i, layer in enumerate(self.layers):
@@ -178,36 +176,16 @@ class GPT(nn.Module):
         return self.norm(x)
 
 
-class GPTForCausalLM(Generates, nn.Module):
+class GPTForCausalLM(DecoderLM):
     """GPT-2 with its language-model head: token ids -> next-token logits (B, T, V)."""
 
+    backbone = GPT
+
     def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.model = GPT(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        super().__init__(config)
         nn.init.normal_(self.lm_head.weight, std=config.init_std)
         self.tie_weights()
         self.register_load_state_dict_pre_hook(_add_backbone_prefix)
-
-    def tie_weights(self) -> None:
-        """Share the token embedding with the output head when the config says so."""
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.model.embed.weight
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                prefix: list | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """Next-token logits (B, T, V); with `return_hidden`, the final hidden states (B, T, C) that the
-        head would read (training uses them with a fused head + loss, `lmforge.losses`)."""
-        hidden = self.model(input_ids, attention_mask, position_ids, cache, prefix)
-        return hidden if return_hidden else self.lm_head(hidden)
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_len` positions."""
-        c, w = self.config, self.lm_head.weight
-        head_dim = c.dim // c.n_heads
-        return KVCache(c.n_layers, batch, c.n_heads, head_dim, max_len, dtype=w.dtype, device=w.device)
 
 
 class GPTForSequenceClassification(nn.Module):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate import Generates
-from .attention import Attention, KVCache, build_mask, positions, rotary_tables
+from .attention import Attention, KVCache, build_mask, check_context, positions, rotary_tables
+from .decoder import DecoderLM
 from .statedict import rename
 
 
@@ -161,9 +161,7 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         if position_ids is None:
             position_ids = positions(attention_mask, past, T, input_ids.device)
-        if int(position_ids.max()) >= self.config.max_len:
-            raise ValueError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the context "
-                             f"length of this model ({self.config.max_len})")
+        check_context(position_ids, self.config.max_len)
         x = self.embed(input_ids)
         rope = self.rope(position_ids, x.dtype)
         mask, is_causal = build_mask(attention_mask, T, causal=True, past_len=past)
@@ -173,40 +171,21 @@ class Llama(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(Generates, nn.Module):
+class LlamaForCausalLM(DecoderLM):
     """Llama with its language-model head: token ids -> next-token logits (B, T, V)."""
 
+    backbone = Llama
+
     def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.config = config
-        self.model = Llama(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        super().__init__(config)
         self.apply(self._init_weights)
         self.tie_weights()
-
-    def tie_weights(self) -> None:
-        """Share the token embedding with the output head when the config says so."""
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.model.embed.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                prefix: list | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """Next-token logits (B, T, V); with `return_hidden`, the final hidden states (B, T, C) that the
-        head would read (training uses them with a fused head + loss, `lmforge.losses`)."""
-        hidden = self.model(input_ids, attention_mask, position_ids, cache, prefix)
-        return hidden if return_hidden else self.lm_head(hidden)
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for `batch` sequences of up to `max_len` positions."""
-        c, w = self.config, self.lm_head.weight
-        return KVCache(c.n_layers, batch, c.n_kv_heads, c.head_dim, max_len, dtype=w.dtype, device=w.device)
 
 
 ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM}
