@@ -47,24 +47,32 @@ def step_flops(params_no_embed: int, vocab_params: int) -> float:
     return 6 * (params_no_embed + vocab_params) * tokens + 12 * LAYERS * SEQ * DIM * tokens
 
 
-def ours():
-    torch.manual_seed(0)
-    config = gpt.GPTConfig(vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, max_len=SEQ,
-                           dropout=DROPOUT, attention_dropout=DROPOUT, bos_token_id=None, eos_token_id=None)
-    model = gpt.GPTForCausalLM(config).train()
-    optimizer = build_optimizer(model, 3e-4, 0.1, (0.9, 0.95))
-    loss_of = CausalLM.loss  # the task's loss, exactly what fit() calls (sum over targets, then / count)
+def train_step(loss_fn, model, optimizer):
+    """One optimizer step as a plain PyTorch loop does it: loss, backward, clip, AdamW."""
 
     def step(x, y):
-        loss_sum, count = loss_of(None, model, {"input_ids": x, "labels": y})
-        loss = loss_sum / count
+        loss = loss_fn(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return model, step
+    return step
+
+
+def ours():
+    torch.manual_seed(0)
+    config = gpt.GPTConfig(vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, max_len=SEQ,
+                           dropout=DROPOUT, attention_dropout=DROPOUT, bos_token_id=None, eos_token_id=None)
+    model = gpt.GPTForCausalLM(config).train()
+    optimizer = build_optimizer(model, 3e-4, 0.1, (0.9, 0.95))
+
+    def loss(x, y):  # the task's loss, exactly what fit() calls (sum over targets, then / count)
+        loss_sum, count = CausalLM.loss(None, model, {"input_ids": x, "labels": y})
+        return loss_sum / count
+
+    return model, train_step(loss, model, optimizer)
 
 
 def hf():
@@ -78,16 +86,7 @@ def hf():
     rest = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   lr=3e-4, betas=(0.9, 0.95))
-
-    def step(x, y):
-        loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return model, step
+    return model, train_step(lambda x, y: model(input_ids=x, labels=x).loss, model, optimizer)  # HF shifts labels
 
 
 def main() -> None:
