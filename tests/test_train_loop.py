@@ -140,3 +140,17 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     with torch.no_grad():
         assert evaluate(model, task, Dist(), cfg.eval_batches)["val_loss"] == pytest.approx(min(vals), rel=1e-5)
     assert json.loads((checkpoints(run.folder)[-1] / "trainer.json").read_text())["bad_evals"] == 2
+
+
+def test_adalora_through_fit_reallocates_ranks_within_budget(tmp_path):
+    from lmforge.peft.adalora import AdaLoraConfig, apply_adalora
+
+    model, task = make()
+    cfg = AdaLoraConfig(total_step=30, init_r=6, target_r=2, tinit=3, tfinal=5, alpha=8,
+                        targets=["q_proj", "v_proj", "up_proj", "down_proj"])
+    allocator = apply_adalora(model, cfg)
+    fit(model, task, TrainConfig(**{**CFG, "max_steps": 30, "eval_every": 0}), Run(tmp_path / "r"),
+        allocator=allocator)
+    ranks = allocator.ranks(model)
+    assert len(ranks) == 8 and sum(ranks.values()) <= 2 * 8  # 2 layers x 4 targets, target_r 2 each
+    assert len(set(ranks.values())) > 1, ranks

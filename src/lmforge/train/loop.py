@@ -73,7 +73,8 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
         task: gives `train_batch(index, rank, world)`, `eval_batches(rank, world)` and
             `loss(model, batch) -> (sum of losses, number of targets)`; see `lmforge.tasks`.
         run: where metrics, checkpoints and the best weights go.
-        allocator: AdaLoRA's rank allocator, stepped after every optimizer step.
+        allocator: AdaLoRA's rank allocator: its orthogonality penalty joins the loss, and it is
+            stepped after every optimizer step (re-allocating ranks).
         resume_from: a `step-N` checkpoint folder to continue from exactly.
     """
     d = d or Dist()
@@ -99,7 +100,8 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
         for i, batch in enumerate(batches):
             with _no_sync(net, i < accum - 1), autocast:
                 micro_loss, _ = task.loss(net, batch)
-            scaler.scale(micro_loss * (d.world / targets)).backward()  # DDP averages over processes
+                penalty = allocator.regularization(unwrap(model)) / accum if allocator is not None else 0.0
+            scaler.scale(micro_loss * (d.world / targets) + penalty).backward()  # DDP averages over processes
             loss_sum += micro_loss.detach().float()
         grad_norm = _clip(net, optimizer, scaler, cfg.grad_clip)
         scaler.step(optimizer)
