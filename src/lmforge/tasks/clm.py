@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import share as _share
 from ..losses import linear_cross_entropy, output_head
 
 
@@ -31,10 +32,10 @@ class CausalLM:
         chunk = torch.from_numpy(tokens[idx].astype(np.int64))
         return {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
 
-    def train_batch(self, step: int, share: int = 0, shares: int = 1) -> dict:
+    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict:
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.train.tokens) - self.seq_len - 1, size=self.batch_size)
-        return self._windows(self.train.tokens, _share(starts, share, shares))
+        return self._windows(self.train.tokens, _share(starts, part, parts))
 
     def eval_batches(self, rank: int = 0, world: int = 1):
         if self.val is None:
@@ -56,14 +57,3 @@ class CausalLM:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                    reduction="sum")
         return loss, int((labels != -100).sum())
-
-
-def _share(rows: np.ndarray, share: int, shares: int, strict: bool = True) -> np.ndarray:
-    """Contiguous part `share` of `shares` of a global batch."""
-    if shares == 1:
-        return rows
-    if strict and len(rows) % shares:
-        raise ValueError(f"train.batch_size ({len(rows)}) must be divisible by processes x grad_accum "
-                         f"({shares})")
-    per = -(-len(rows) // shares)
-    return rows[share * per : (share + 1) * per]

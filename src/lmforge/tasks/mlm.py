@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clm import _share
+from ..data.batching import share as _share
 
 _EVAL = 2**40  # generator key of validation examples, far from any training batch index
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import share as _share
 from ..models.t5 import shift_right
-from .clm import _share
 
 NUM_SENTINELS = 100  # T5's extra_ids
 _EVAL = 2**40  # generator key of validation rows, far from any training batch index

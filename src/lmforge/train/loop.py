@@ -54,8 +54,11 @@ class TrainConfig:
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
     patience: int = 0
-    """Early stopping: stop after this many evaluations without a better validation loss; 0 = off.
+    """Early stopping: stop after this many evaluations without a better `metric`; 0 = off.
     When on, the best weights are kept (best.safetensors) and exported at the end."""
+    metric: str = "val_loss"
+    """The validation number that early stopping and the best weights follow: losses and perplexities
+    are minimised, anything else the task reports (accuracy, f1, exact_match, bleu, ...) maximised."""
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast on CUDA/MPS ("auto": bf16 where supported, else fp16); the CPU trains in fp32."""
@@ -81,7 +84,7 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     torch.use_deterministic_algorithms(cfg.deterministic)
     model.to(d.device).train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    state = {"step": 0, "tokens": 0, "best_val_loss": math.inf, "bad_evals": 0, "elapsed": 0.0}
+    state = {"step": 0, "tokens": 0, "best": None, "best_step": 0, "bad_evals": 0, "elapsed": 0.0}
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
         run.truncate_after(state["step"])
@@ -89,13 +92,14 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     net = torch.compile(net) if cfg.compile else net
     autocast, scaler = _precision(cfg, d.device)
     timer, accum, elapsed_before = Timer(), cfg.grad_accum, state["elapsed"]
+    count_targets = getattr(task, "targets", _targets)
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not d.main, desc="train", unit="step",
                     dynamic_ncols=True)
     for step in range(state["step"], cfg.max_steps):
         set_lr(optimizer, lr := lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule))
         shares = d.world * accum  # the step's global batch, split over processes and micro-steps
         batches = [_to(task.train_batch(step, d.rank * accum + i, shares), d.device) for i in range(accum)]
-        targets = all_reduce_sum([sum(_targets(b) for b in batches)], d)[0]
+        targets = all_reduce_sum([sum(count_targets(b) for b in batches)], d)[0]
         loss_sum = torch.zeros((), device=d.device)
         for i, batch in enumerate(batches):
             with _no_sync(net, i < accum - 1), autocast:
@@ -136,22 +140,26 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
 
 
 def evaluate(model, task, d: Dist, max_batches: int = 0, autocast=None) -> dict:
-    """Mean loss and perplexity over the validation batches (this process's share, then summed)."""
+    """Validation loss and perplexity over the validation batches (this process's share, then summed),
+    plus the task's own metrics when it has `metrics(model, rank, world)` (accuracy, F1, ...)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    count_targets = getattr(task, "targets", _targets)
     with torch.no_grad(), autocast or contextlib.nullcontext():
         for i, batch in enumerate(task.eval_batches(d.rank, d.world)):
             if max_batches and i >= max_batches:
                 break
-            loss_sum, n = task.loss(model, _to(batch, d.device))
-            total, count = total + float(loss_sum), count + int(n)
+            batch = _to(batch, d.device)
+            loss_sum, _ = task.loss(model, batch)
+            total, count = total + float(loss_sum), count + count_targets(batch)
+        extra = task.metrics(model, d.rank, d.world) if hasattr(task, "metrics") else {}
     model.train(was_training)
     total, count = all_reduce_sum([total, count], d)
     if count == 0:
         raise ValueError("the validation split is empty: give the data more documents or a larger val fraction")
     loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **extra}
 
 
 def _evaluate_and_check(model, task, cfg, run, d, state, step, autocast) -> bool:
@@ -160,8 +168,13 @@ def _evaluate_and_check(model, task, cfg, run, d, state, step, autocast) -> bool
     whole = step == cfg.max_steps
     metrics = evaluate(model, task, d, 0 if whole else cfg.eval_batches, autocast)
     run.log({"step": step, **metrics})
-    if metrics["val_loss"] < state["best_val_loss"]:
-        state["best_val_loss"], state["bad_evals"] = metrics["val_loss"], 0
+    if cfg.metric not in metrics:
+        raise ValueError(f"train.metric={cfg.metric!r} is not reported by this task; it reports: "
+                         f"{', '.join(metrics)}")
+    value, best = metrics[cfg.metric], state["best"]
+    smaller_is_better = cfg.metric.endswith(("loss", "ppl"))
+    if best is None or (value < best if smaller_is_better else value > best):
+        state["best"], state["best_step"], state["bad_evals"] = value, step, 0
         if cfg.patience and d.main:
             tmp = run.folder / ".best.safetensors.tmp"
             save_model(unwrap(model), str(tmp))
