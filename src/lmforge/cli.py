@@ -84,6 +84,59 @@ def cmd_pretrain(args) -> None:
     print(f"done: {state['step']} steps, final loss {state.get('loss', float('nan')):.4f}", file=sys.stderr)
 
 
+def cmd_finetune(args) -> None:
+    """Fine-tune a model on a labeled task (classify, ner, qa, seq2seq, chat), fully or with PEFT."""
+    from .finetune import main as finetune
+
+    state = finetune(args.config, args.overrides, resume=args.resume)
+    shown = {k: round(v, 4) for k, v in state.items()
+             if k.startswith("val_") or k in ("accuracy", "f1", "exact_match", "bleu", "chrf")}
+    print(f"done: {state['step']} steps, {shown}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> None:
+    """Score a fine-tuned model on a labeled file; prints its metrics as one JSON object (last line)."""
+    from .evaluate import evaluate_file
+
+    result = evaluate_file(args.model, args.data, kind=args.task, batch_size=args.batch_size, **_read_args(args))
+    print(json.dumps(result, ensure_ascii=False))
+
+
+def cmd_predict(args) -> None:
+    """Run a fine-tuned model over a file; writes one JSON line per example (its prediction)."""
+    from .evaluate import predict_file
+
+    n = predict_file(args.model, args.data, args.output, kind=args.task, batch_size=args.batch_size,
+                     **_read_args(args))
+    print(f"wrote {n} predictions to {args.output}", file=sys.stderr)
+
+
+def _read_args(args) -> dict:
+    """The data-reading options of evaluate/predict, as read_examples takes them."""
+    columns = dict(c.split("=", 1) for c in args.column or ())
+    return {"format": args.format, "target_path": args.target, "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column, "label_column": args.label_column,
+            "columns": columns or None, "limit": args.limit or None, "skip_bad_rows": args.skip_bad_rows}
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from .data.labeled import FORMATS
+    from .evaluate import KINDS
+
+    p.add_argument("model", help="a fine-tuned model folder (e.g. runs/NAME/final)")
+    p.add_argument("--data", required=True, help="the file: TSV/CSV/JSONL/Parquet, CoNLL, SQuAD JSON, or X.en")
+    p.add_argument("--target", help="parallel text: the target side (X.de for --data X.en)")
+    p.add_argument("--task", choices=KINDS, help="default: the task the model was fine-tuned for")
+    p.add_argument("--format", choices=FORMATS, help="default: from the file name and content")
+    p.add_argument("--text-column", help="the column holding the text (default: text, sentence, review, ...)")
+    p.add_argument("--text-pair-column", help="the column holding the second text of pairs")
+    p.add_argument("--label-column", help="the column holding the label (default: label)")
+    p.add_argument("--column", action="append", metavar="KEY=COLUMN", help="more renames, e.g. source=en")
+    p.add_argument("--limit", type=int, default=0, help="only the first N examples")
+    p.add_argument("--skip-bad-rows", action="store_true", help="leave malformed rows out instead of stopping")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
 def cmd_data_prepare(args) -> None:
     """Tokenize a corpus into memory-mapped token shards with a document index and a validation split."""
     from .data.prepare import run
@@ -175,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.set_defaults(run=cmd_pretrain)
+
+    p = verbs.add_parser("finetune", help=cmd_finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=cmd_finetune.__doc__ + "\n\nexample:\n  lmforge finetune "
+                         "configs/finetune/sst2-minilm-lora.yaml run.name=try1 train.max_steps=300")
+    p.add_argument("config", help="a YAML recipe, e.g. configs/finetune/sst2-minilm.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.set_defaults(run=cmd_finetune)
+
+    p = verbs.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
+    _add_data_arguments(p)
+    p.set_defaults(run=cmd_evaluate)
+
+    p = verbs.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
+    _add_data_arguments(p)
+    p.add_argument("--output", required=True, help="the JSON-lines file to write")
+    p.set_defaults(run=cmd_predict)
 
     data = verbs.add_parser("data", help="prepare corpora", description="Data tools.")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="VERB", required=True)

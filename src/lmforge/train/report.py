@@ -8,8 +8,9 @@ from pathlib import Path
 from ..config import to_yaml
 
 
-def plot_curves(folder: Path, records: list[dict]) -> list[str]:
-    """loss.png (train and validation), perplexity.png, lr.png; returns the file names written."""
+def plot_curves(folder: Path, records: list[dict], metric: str | None = None) -> list[str]:
+    """loss.png (train and validation), lr.png, and perplexity.png or, when the run follows a task
+    metric (accuracy, f1, bleu, ...), <metric>.png; returns the file names written."""
     try:
         import matplotlib
 
@@ -24,6 +25,9 @@ def plot_curves(folder: Path, records: list[dict]) -> list[str]:
         "perplexity.png": ("perplexity", [("validation", val, "val_ppl")]),
         "lr.png": ("learning rate", [("lr", train, "lr")]),
     }
+    if metric and not metric.startswith(("val_loss", "val_ppl")):  # a task metric replaces perplexity
+        del curves["perplexity.png"]
+        curves[f"{metric}.png"] = (metric, [("validation", [r for r in val if metric in r], metric)])
     written = []
     for name, (ylabel, series) in curves.items():
         if not any(rows for _, rows, _ in series):
@@ -48,12 +52,18 @@ def plot_curves(folder: Path, records: list[dict]) -> list[str]:
 def write_report(run, cfg, model, state: dict, wall_seconds: float) -> Path | None:
     """Write `report.md`: what was trained, on what, how it went, where the results are."""
     records = run.records()
-    plots = plot_curves(run.folder, records) if run.main else []
+    metric = getattr(getattr(cfg, "train", None), "metric", None)
+    plots = plot_curves(run.folder, records, metric) if run.main else []
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     val = [r for r in records if "val_loss" in r]
     best = min(val, key=lambda r: r["val_loss"]) if val else None
-    source = getattr(cfg.model, "preset", None) or getattr(cfg.model, "init_from", "")
-    objective = getattr(getattr(cfg, "task", None), "objective", "?")
+    source = (getattr(cfg.model, "preset", None) or getattr(cfg.model, "init_from", None)
+              or getattr(cfg.model, "path", None) or "")
+    task = getattr(cfg, "task", None)
+    objective = getattr(task, "objective", None) or getattr(task, "kind", "?")
+    method = getattr(getattr(cfg, "peft", None), "method", "none")
+    if method != "none":
+        objective += f", peft {method}"
     lines = [
         f"# Run `{run.folder.name}`", "",
         f"- model: {type(model).__name__} ({source}), {params / 1e6:.2f}M parameters",
@@ -65,6 +75,9 @@ def write_report(run, cfg, model, state: dict, wall_seconds: float) -> Path | No
         last = val[-1]
         lines.append(f"- validation: last loss {_num(last['val_loss'])} (perplexity {_num(last['val_ppl'])}), "
                      f"best {_num(best['val_loss'])} at step {best['step']}")
+    if metric and state.get("best") is not None and not metric.startswith(("val_loss", "val_ppl")):
+        lines.append(f"- {metric}: last {_num(state.get(metric))}, best {_num(state['best'])} at step "
+                     f"{state.get('best_step')}" + (" (the exported weights)" if cfg.train.patience else ""))
     if plots:
         lines += ["", "## Curves", "", *(f"![{p}]({p})" for p in plots)]
     load_hint = "(`lmforge.load(\"<run>/final\")`, or `transformers.AutoModel*.from_pretrained`)"
