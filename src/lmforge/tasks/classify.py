@@ -35,6 +35,18 @@ PROBLEMS = (SINGLE, MULTI, REGRESSION)
 DEFAULT_MAX_LEN = 512  # when the tokenizer does not know its model's maximum length
 
 
+class FeatureBatches:
+    """train_batch / eval_batches of a task holding tokenized `train` / `val` features, a
+    `collate(features, rows)` and an `EpochBatches` sampler (classification, NER, QA)."""
+
+    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict:
+        return self.collate(self.train, share(self.sampler(step), part, parts))
+
+    def eval_batches(self, rank: int = 0, world: int = 1):
+        for rows in eval_rows(self.val, self.eval_batch_size, rank, world):
+            yield self.collate(self.val, rows)
+
+
 @dataclass
 class Features:
     """Tokenized examples: `ids` and `type_ids` (None without pairs) per row, and the targets."""
@@ -44,7 +56,7 @@ class Features:
     targets: list | None
 
 
-class SequenceClassification:
+class SequenceClassification(FeatureBatches):
     """Classification (or regression) batches, loss, metrics and predictions.
 
     Args:
@@ -135,13 +147,6 @@ class SequenceClassification:
         for row, ids in enumerate(targets):
             hot[row, ids] = 1.0
         return hot
-
-    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict:
-        return self.collate(self.train, share(self.sampler(step), part, parts))
-
-    def eval_batches(self, rank: int = 0, world: int = 1):
-        for rows in eval_rows(self.val, self.eval_batch_size, rank, world):
-            yield self.collate(self.val, rows)
 
     # ---- loss, metrics, predictions ----------------------------------------------------------------
 

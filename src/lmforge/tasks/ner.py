@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics as M
-from ..data.batching import EpochBatches, share
+from ..data.batching import EpochBatches
 from ..data.collate import pad_sequences
 from ..data.labeled import infer_labels
-from .classify import _max_len, _pad_id, encode, eval_rows, gather, model_inputs, predict_rows
+from .classify import FeatureBatches, _max_len, _pad_id, encode, gather, model_inputs, predict_rows
 
 IGNORE = -100
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u3000-\u303f\uff00-\uffef]")
@@ -47,7 +47,7 @@ class Features:
     tags: list[list[str]] | None
 
 
-class TokenClassification:
+class TokenClassification(FeatureBatches):
     """NER batches, loss, entity-level metrics and span predictions.
 
     Args:
@@ -112,13 +112,6 @@ class TokenClassification:
         if feats.labels is not None:
             batch["labels"] = pad_sequences([feats.labels[i] for i in rows], IGNORE)[0]  # (B, T)
         return batch
-
-    def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict:
-        return self.collate(self.train, share(self.sampler(step), part, parts))
-
-    def eval_batches(self, rank: int = 0, world: int = 1):
-        for rows in eval_rows(self.val, self.eval_batch_size, rank, world):
-            yield self.collate(self.val, rows)
 
     # ---- loss, metrics, predictions ----------------------------------------------------------------
 
