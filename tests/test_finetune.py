@@ -117,3 +117,34 @@ def test_rows_become_chats_by_the_template():
                                    {"role": "assistant", "content": "你好。"}]}]
     with pytest.raises(ConfigError, match=r"f example 1: data.template uses \{de\}"):
         as_chats([{"en": "Hi."}], {"user": "{de}"}, "f")
+
+
+def test_compare_overrides_split_by_method():
+    from lmforge.compare import split_overrides
+
+    common, own = split_overrides(["train.max_steps=5", "lora:train.lr=5e-4", "data.template.user=a:b"], ["full", "lora"])
+    assert common == ["train.max_steps=5", "data.template.user=a:b"] and own == {"full": [], "lora": ["train.lr=5e-4"]}
+    with pytest.raises(ConfigError, match="'adapter' is not one of the compared methods"):
+        split_overrides(["adapter:train.lr=1"], ["full", "lora"])
+
+
+@needs_data
+@pytest.mark.slow
+def test_compare_runs_each_method_and_tabulates(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = ROOT / "configs/debug-finetune/classify-minilm.yaml"
+    _need_weights(load_config(FinetuneConfig, path))
+    assert main(["compare", str(path), "--methods", "full,lora", f"run.dir={tmp_path}", "train.max_steps=2",
+                 "train.eval_every=2", "train.save_every=0", "lora:train.lr=5e-4"]) == 0
+    folder = tmp_path / "debug-classify-minilm-compare"
+    rows = json.loads((folder / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["none", "lora"]
+    full, lora = rows
+    assert full["trainable_params"] == full["total_params"] > 100 * lora["trainable_params"] > 0
+    assert all(r["peak_memory_mb"] > 100 and r["wall_s"] > 0 and r["metric"] == "accuracy" for r in rows)
+    assert (folder / "compare.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "| full |" in table and "| lora |" in table and "best accuracy" in table
+    lora_cfg = (tmp_path / "debug-classify-minilm-lora" / "config.yaml").read_text()
+    assert "lr: 0.0005" in lora_cfg and "method: lora" in lora_cfg

@@ -94,6 +94,15 @@ def cmd_finetune(args) -> None:
     print(f"done: {state['step']} steps, {shown}", file=sys.stderr)
 
 
+def cmd_compare(args) -> None:
+    """Fine-tune one task with several methods; a table and a plot of parameters, memory, time, metric."""
+    from .compare import compare
+
+    folder = compare(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], args.overrides)
+    print((folder / "compare.md").read_text())
+    print(f"wrote {folder}/compare.md, compare.json, compare.png", file=sys.stderr)
+
+
 def cmd_evaluate(args) -> None:
     """Score a fine-tuned model on a labeled file; prints its metrics as one JSON object (last line)."""
     from .evaluate import evaluate_file
@@ -236,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.set_defaults(run=cmd_finetune)
+
+    p = verbs.add_parser("compare", help=cmd_compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=cmd_compare.__doc__ + "\n\nexample:\n  lmforge compare "
+                         "configs/finetune/sst2-minilm.yaml --methods full,lora,adapter train.max_steps=500 "
+                         "lora:train.lr=5e-4 adapter:train.lr=5e-4")
+    p.add_argument("config", help="a fine-tuning recipe")
+    p.add_argument("--methods", default="full,lora,adalora,adapter,prefix",
+                   help="comma-separated: full, lora, adalora, adapter, prefix, prompt, ia3")
+    p.add_argument("overrides", nargs="*", metavar="[method:]key.sub=value",
+                   help="change config values, for every method or (method:...) for one")
+    p.set_defaults(run=cmd_compare)
 
     p = verbs.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     _add_data_arguments(p)

@@ -393,11 +393,35 @@ def finetune(cfg: FinetuneConfig) -> dict:
     resume_from = latest_checkpoint(folder) if cfg.run.resume else None
     state = fit(model, task, cfg.train, run, d, allocator=allocator, resume_from=resume_from)
     if d.main:
+        summary = run_summary(cfg, model, state, time.time() - started)
+        write_report(run, cfg, model, state, time.time() - started)  # before export merges adapters away
         state["exported"] = export(model, cfg, folder, tokenizer, task_settings(cfg, task))
-        write_report(run, cfg, model, state, time.time() - started)
+        _write_json(folder / "summary.json", {**summary, "exported": state["exported"]})
     run.close()
     shutdown(d)
     return state
+
+
+def run_summary(cfg: FinetuneConfig, model, state: dict, wall_seconds: float) -> dict:
+    """The numbers `lmforge compare` tabulates (summary.json): parameters, time, memory, metrics."""
+    params = {id(p): p for p in model.parameters()}.values()
+    scores = {k: v for k, v in state.items() if isinstance(v, float) and k not in ("elapsed", "loss", "best")}
+    return {"method": cfg.peft.method, "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params), "steps": state["step"],
+            "wall_s": round(wall_seconds, 1), "train_s": round(state.get("elapsed", 0.0), 1),
+            "peak_memory_mb": round(peak_memory_mb(), 1), "metric": cfg.train.metric, "best": state.get("best"),
+            "best_step": state.get("best_step"), **scores}
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA's allocator peak on a GPU, else the resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def main(config_path: str, overrides: list[str], resume: bool = False) -> dict:

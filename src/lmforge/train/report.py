@@ -64,9 +64,12 @@ def write_report(run, cfg, model, state: dict, wall_seconds: float) -> Path | No
     method = getattr(getattr(cfg, "peft", None), "method", "none")
     if method != "none":
         objective += f", peft {method}"
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    sizes = f"{params / 1e6:.2f}M parameters" + (
+        f", {trainable / 1e6:.3f}M trained ({100 * trainable / params:.2f}%)" if trainable != params else "")
     lines = [
         f"# Run `{run.folder.name}`", "",
-        f"- model: {type(model).__name__} ({source}), {params / 1e6:.2f}M parameters",
+        f"- model: {type(model).__name__} ({source}), {sizes}",
         f"- objective: {objective}, {state.get('step', 0)} steps, {state.get('tokens', 0):,} tokens",
         f"- wall time: {_duration(wall_seconds)} (training {_duration(state.get('elapsed', 0.0))})",
         f"- final training loss: {_num(state.get('loss'))}",
