@@ -1,8 +1,10 @@
 """Pretraining end to end: every recipe loads, every debug recipe runs, SIGKILL + resume is exact,
-a crash while saving keeps the previous checkpoint, and torchrun DDP matches one process."""
+a crash while saving keeps the previous checkpoint, torchrun DDP matches one process, and FSDP2
+checkpoints, resumes (with FSDP or in one process) and exports."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,18 +119,53 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert checkpoint.latest_checkpoint(run).name == "step-4"
 
 
+def torchrun(*args, port: int) -> None:
+    """`lmforge ARGS` on two CPU processes (gloo), one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(port), "-m", "lmforge", *args],
+                          cwd=ROOT, env=env, capture_output=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+
 @needs_data
 def test_ddp_two_processes_match_one(tmp_path):
     common = ["train.max_steps=20", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
               "train.save_every=0"]
     single = cli("pretrain", str(CHAR), *run_dir_args(tmp_path, "run.name=one", *common))
     assert single.wait(timeout=300) == 0, single.stderr.read().decode()[-2000:]
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "lmforge",
-                          "pretrain", str(CHAR), *run_dir_args(tmp_path, "run.name=two", *common)],
-                         cwd=ROOT, env=env, capture_output=True, timeout=600, check=False)
-    assert ddp.returncode == 0, ddp.stderr.decode()[-3000:]
+    torchrun("pretrain", str(CHAR), *run_dir_args(tmp_path, "run.name=two", *common), port=29517)
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert len(two) == 20  # one line per step: only rank 0 writes
     assert two == pytest.approx(one, rel=1e-4)
+
+
+@needs_data
+def test_fsdp_checkpoints_resume_and_export(tmp_path):
+    """FSDP2 on two processes: checkpoints, best weights and the export hold the full weights, and a
+    run resumed from a step-2 checkpoint, with FSDP or in one process, continues as if uninterrupted.
+    GPT-2 for its tied embeddings, and for a validation split the two processes share unevenly."""
+    import torch
+
+    import lmforge
+
+    gpt = str(ROOT / "configs/debug/clm-gpt-bpe.yaml")
+    common = ["train.max_steps=4", "train.save_every=2", "train.eval_every=2", "train.log_every=1",
+              "train.patience=10"]
+    fsdp = "train.distributed=fsdp"
+    torchrun("pretrain", gpt, *run_dir_args(tmp_path, "run.name=straight", *common, fsdp), port=29518)
+    straight = tmp_path / "straight"
+    assert {"step-2", "step-4", "best.safetensors", "final"} <= {p.name for p in straight.iterdir()}
+    for name in ("fsdp", "one"):  # interrupted after the step-2 checkpoint
+        shutil.copytree(straight, tmp_path / name, ignore=shutil.ignore_patterns("step-4", "final"))
+    single = cli("pretrain", gpt, "--resume", *run_dir_args(tmp_path, "run.name=one", *common))
+    torchrun("pretrain", gpt, "--resume", *run_dir_args(tmp_path, "run.name=fsdp", *common, fsdp), port=29519)
+    assert single.wait(timeout=300) == 0, single.stderr.read().decode()[-2000:]
+    losses = train_losses(straight)
+    assert len(losses) == 4
+    for name in ("fsdp", "one"):
+        assert train_losses(tmp_path / name) == pytest.approx(losses, rel=1e-5)
+    ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {name: lmforge.load(tmp_path / name / "final")[0](ids) for name in ("straight", "fsdp", "one")}
+    torch.testing.assert_close(logits["fsdp"], logits["straight"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits["one"], logits["straight"], rtol=1e-4, atol=1e-4)

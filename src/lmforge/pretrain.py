@@ -92,7 +92,7 @@ ARCHITECTURE = {  # objective -> the model class name (transformers' name) it tr
 def pretrain(cfg: PretrainConfig) -> dict:
     """Run a pretraining job; returns the final trainer state. See the module docstring."""
     from .models.hub import save
-    from .train.distributed import barrier, init_distributed, shutdown
+    from .train.distributed import barrier, init_distributed, shutdown, unsharded
     from .train.logging import Run
     from .train.loop import fit
     from .train.report import write_report
@@ -109,6 +109,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.train.seed + d.rank)  # dropout differs between processes
     task = build_task(cfg, tokenizer, shards, model.config)
     state = fit(model, task, cfg.train, run, d, resume_from=resume_from)
+    model = unsharded(model, d)  # under FSDP every process helps gather the weights to rank 0
     if d.main:
         if cfg.task.objective == "span":
             from .tasks.span import add_sentinel_tokens

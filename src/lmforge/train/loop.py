@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from itertools import islice
 from typing import Literal
 
 import torch
-from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import Dist, all_reduce_sum, unwrap, wrap
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
+from .distributed import Dist, all_reduce_max, all_reduce_sum, barrier, sharded, unwrap, wrap
 from .logging import Run, Timer
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -83,12 +83,12 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     d = d or Dist()
     torch.use_deterministic_algorithms(cfg.deterministic)
     model.to(d.device).train()
+    net = wrap(model, d, cfg.distributed)  # before the optimizer: FSDP replaces the parameters by shards
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     state = {"step": 0, "tokens": 0, "best": None, "best_step": 0, "bad_evals": 0, "elapsed": 0.0}
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        state = load_checkpoint(resume_from, unwrap(model), optimizer)
         run.truncate_after(state["step"])
-    net = wrap(model, d, cfg.distributed)
     net = torch.compile(net) if cfg.compile else net
     autocast, scaler = _precision(cfg, d.device)
     timer, accum, elapsed_before = Timer(), cfg.grad_accum, state["elapsed"]
@@ -129,13 +129,13 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
         evaluate_now = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if evaluate_now and _evaluate_and_check(model, task, cfg, run, d, state, step + 1, autocast):
             last = True  # early stopping
-        if d.main and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
-            save_checkpoint(run.folder, step + 1, unwrap(model), optimizer, state, cfg.keep_last)
+        if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):  # every process: FSDP gathers
+            save_checkpoint(run.folder, step + 1, unwrap(model), optimizer, state, cfg.keep_last, main=d.main)
         if last:
             break
     progress.close()
-    if cfg.patience and d.main and (run.folder / "best.safetensors").exists():
-        load_model(unwrap(model), str(run.folder / "best.safetensors"))
+    if cfg.patience:
+        _restore_best(unwrap(model), run.folder / "best.safetensors", d)
     return state
 
 
@@ -146,13 +146,13 @@ def evaluate(model, task, d: Dist, max_batches: int = 0, autocast=None) -> dict:
     model.eval()
     total, count = 0.0, 0
     count_targets = getattr(task, "targets", _targets)
+    batches = islice(task.eval_batches(d.rank, d.world), max_batches or None)
     with torch.no_grad(), autocast or contextlib.nullcontext():
-        for i, batch in enumerate(task.eval_batches(d.rank, d.world)):
-            if max_batches and i >= max_batches:
-                break
+        for batch, counted in _forward_passes(batches, task, d, lockstep=sharded(model)):
             batch = _to(batch, d.device)
             loss_sum, _ = task.loss(model, batch)
-            total, count = total + float(loss_sum), count + count_targets(batch)
+            if counted:
+                total, count = total + float(loss_sum), count + count_targets(batch)
         extra = task.metrics(model, d.rank, d.world) if hasattr(task, "metrics") else {}
     model.train(was_training)
     total, count = all_reduce_sum([total, count], d)
@@ -160,6 +160,25 @@ def evaluate(model, task, d: Dist, max_batches: int = 0, autocast=None) -> dict:
         raise ValueError("the validation split is empty: give the data more documents or a larger val fraction")
     loss = total / count
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **extra}
+
+
+def _forward_passes(batches, task, d: Dist, lockstep: bool):
+    """(batch, counted) for each validation forward pass. In `lockstep` (FSDP: every forward pass
+    gathers the weights from all processes, so all must run as many) a process out of batches repeats
+    its last one, uncounted, until every process is out."""
+    if not lockstep:
+        yield from ((batch, True) for batch in batches)
+        return
+    batches, last = iter(batches), None
+    while True:
+        batch = next(batches, None)
+        if not all_reduce_max(batch is not None, d):
+            return
+        if batch is not None:
+            last = batch
+        elif last is None:  # this process had no batch at all: borrow the first of the split
+            last = next(iter(task.eval_batches(0, d.world)))
+        yield last, batch is not None
 
 
 def _evaluate_and_check(model, task, cfg, run, d, state, step, autocast) -> bool:
@@ -175,14 +194,26 @@ def _evaluate_and_check(model, task, cfg, run, d, state, step, autocast) -> bool
     smaller_is_better = cfg.metric.endswith(("loss", "ppl"))
     if best is None or (value < best if smaller_is_better else value > best):
         state["best"], state["best_step"], state["bad_evals"] = value, step, 0
-        if cfg.patience and d.main:
+        if cfg.patience:  # every process: FSDP gathers the weights
             tmp = run.folder / ".best.safetensors.tmp"
-            save_model(unwrap(model), str(tmp))
-            tmp.replace(run.folder / "best.safetensors")
+            save_weights(unwrap(model), tmp, main=d.main)
+            if d.main:
+                tmp.replace(run.folder / "best.safetensors")
     else:
         state["bad_evals"] += 1
     state.update(metrics)
     return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+
+
+def _restore_best(model, path, d: Dist) -> None:
+    """Go back to the best weights for the export. Under DDP rank 0 exports alone, so it alone reloads;
+    under FSDP every process holds a shard, so every process reloads, once rank 0 has written the file."""
+    if sharded(model):
+        barrier(d)
+    elif not d.main:
+        return
+    if path.exists():
+        load_weights(model, path)
 
 
 def _targets(batch: dict) -> int:
