@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.linear import Linear
+
 log = logging.getLogger(__name__)
 _kernels: dict[tuple, object] = {}
 _broken = False  # set when compiling failed once: don't retry on every call
@@ -82,7 +84,7 @@ def enabled(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def fast_decoding(model: nn.Module):
     """Within the block, single-token calls of the model's nn.Linear layers use `gemv`."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
+    linears = [m for m in model.modules() if type(m) in (nn.Linear, Linear) and m.weight.numel() >= MIN_WEIGHT_ELEMENTS]
     linears = linears if enabled(model) else []
     for m in linears:
         m.forward = types.MethodType(_fast_forward, m)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dropout import dropout
+from .linear import Linear
 
 
 class LayerCache:
@@ -156,10 +157,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = head_dim or dim // n_heads
-        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, dim, bias=bias)
+        self.q_proj = Linear(dim, n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * self.head_dim, dim, bias=bias)
         self.dropout, self.scale = dropout, scale
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from torch import nn
 
 from .attention import Attention, build_mask
 from .dropout import Dropout
+from .linear import Linear, linear
 from .statedict import rename
 
 ACTIVATIONS = {  # transformers' `hidden_act` names
@@ -183,8 +184,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, act: str):
         super().__init__()
-        self.up_proj = nn.Linear(dim, hidden_dim)
-        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.up_proj = Linear(dim, hidden_dim)
+        self.down_proj = Linear(hidden_dim, dim)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +221,7 @@ class BertModel(nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layers))
-        self.pooler = nn.Linear(config.dim, config.dim) if pooler else None
+        self.pooler = Linear(config.dim, config.dim) if pooler else None
         init_weights(self, config.init_std)
         self.register_load_state_dict_pre_hook(_strip_bert_prefix)
 
@@ -263,14 +264,19 @@ class MLMHead(nn.Module):
 
     def __init__(self, c: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(c.dim, c.dim)
+        self.dense = Linear(c.dim, c.dim)
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
-        self.decoder = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.decoder = Linear(c.dim, c.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
         self.act = ACTIVATIONS[c.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(self.act(self.dense(x))), self.decoder.weight, self.bias)
+        return linear(self.norm(self.act(self.dense(x))), self.decoder.weight, self.bias)
+
+
+def _at(hidden: torch.Tensor, masked: torch.Tensor | None) -> torch.Tensor:
+    """hidden (B, T, C) -> (N, C) at the N positions where `masked` (B, T) is True; all without it."""
+    return hidden if masked is None else hidden[masked]
 
 
 class _BertWithHead(nn.Module):
@@ -301,8 +307,11 @@ class BertForMaskedLM(_BertWithHead):
         self._init_head()
         self.tie_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None):
-        return self.mlm(self.bert(input_ids, attention_mask, token_type_ids, position_ids, prefix))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None,
+                masked=None):
+        """`masked` (B, T) bool: logits only at those positions, (N, V) in row-major order (training
+        needs no others, and the vocabulary projection is most of a small BERT's work)."""
+        return self.mlm(_at(self.bert(input_ids, attention_mask, token_type_ids, position_ids, prefix), masked))
 
 
 class BertForPreTraining(_BertWithHead):
@@ -311,13 +320,15 @@ class BertForPreTraining(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config, pooler=True)
         self.mlm = MLMHead(config)
-        self.nsp = nn.Linear(config.dim, 2)
+        self.nsp = Linear(config.dim, 2)
         self._init_head()
         self.tie_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None,
+                masked=None):
+        """`masked` (B, T) bool: MLM logits only at those positions, (N, V), as BertForMaskedLM."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids, prefix)
-        return self.mlm(hidden), self.nsp(self.bert.pooled(hidden))
+        return self.mlm(_at(hidden, masked)), self.nsp(self.bert.pooled(hidden))
 
 
 class BertForNextSentencePrediction(_BertWithHead):
@@ -325,7 +336,7 @@ class BertForNextSentencePrediction(_BertWithHead):
 
     def __init__(self, config: BertConfig):
         super().__init__(config, pooler=True)
-        self.nsp = nn.Linear(config.dim, 2)
+        self.nsp = Linear(config.dim, 2)
         self._init_head()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None):
@@ -343,7 +354,7 @@ class BertForSequenceClassification(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config, pooler=True)
         self.dropout = _classifier_dropout(config)
-        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.classifier = Linear(config.dim, config.num_labels)
         self._init_head()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None):
@@ -357,7 +368,7 @@ class BertForTokenClassification(_BertWithHead):
     def __init__(self, config: BertConfig):
         super().__init__(config, pooler=False)
         self.dropout = _classifier_dropout(config)
-        self.classifier = nn.Linear(config.dim, config.num_labels)
+        self.classifier = Linear(config.dim, config.num_labels)
         self._init_head()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None):
@@ -370,7 +381,7 @@ class BertForQuestionAnswering(_BertWithHead):
 
     def __init__(self, config: BertConfig):
         super().__init__(config, pooler=False)
-        self.qa_outputs = nn.Linear(config.dim, 2)
+        self.qa_outputs = Linear(config.dim, 2)
         self._init_head()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, prefix=None):

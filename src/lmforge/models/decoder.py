@@ -11,6 +11,7 @@ from torch import nn
 
 from ..generate import Generates
 from .attention import KVCache
+from .linear import Linear
 
 
 class DecoderLM(Generates, nn.Module):
@@ -25,7 +26,7 @@ class DecoderLM(Generates, nn.Module):
         super().__init__()
         self.config = config
         self.model = self.backbone(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
 
     def tie_weights(self) -> None:
         """Share the token embedding with the output head when the config says so."""

@@ -19,6 +19,7 @@ from torch import nn
 from .attention import Attention, KVCache, build_mask, check_context, positions
 from .decoder import DecoderLM
 from .dropout import Dropout
+from .linear import Linear
 from .statedict import rename
 
 # transformers' `activation_function` names; "gelu_new" (GELU, tanh approximation) is GPT-2's
@@ -107,8 +108,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, act: str = "gelu_new"):
         super().__init__()
-        self.up_proj = nn.Linear(dim, hidden_dim)
-        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.up_proj = Linear(dim, hidden_dim)
+        self.down_proj = Linear(hidden_dim, dim)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,7 @@ class GPTForSequenceClassification(nn.Module):
         super().__init__()
         self.config = config
         self.model = GPT(config)
-        self.score = nn.Linear(config.dim, config.num_labels, bias=False)
+        self.score = Linear(config.dim, config.num_labels, bias=False)
         nn.init.normal_(self.score.weight, std=config.init_std)
         self.register_load_state_dict_pre_hook(_add_backbone_prefix)
 

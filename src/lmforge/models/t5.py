@@ -23,6 +23,7 @@ from torch import nn
 from ..generate import Generates
 from .attention import Attention, KVCache, build_mask
 from .dropout import Dropout
+from .linear import Linear
 from .statedict import rename
 
 
@@ -166,9 +167,9 @@ class MLP(nn.Module):
 
     def __init__(self, c: T5Config):
         super().__init__()
-        self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False) if c.gated else None
-        self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+        self.gate_proj = Linear(c.dim, c.hidden_dim, bias=False) if c.gated else None
+        self.up_proj = Linear(c.dim, c.hidden_dim, bias=False)
+        self.down_proj = Linear(c.hidden_dim, c.dim, bias=False)
         self.act, self.dropout = ACTIVATIONS[c.activation], Dropout(c.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +305,7 @@ class T5ForConditionalGeneration(Generates, nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)  # shared by encoder, decoder (and head)
         self.encoder = Stack(config, config.n_layers, decoder=False)
         self.decoder = Stack(config, config.n_decoder_layers, decoder=True)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         self.apply(partial(init_weights, config))
         nn.init.normal_(self.lm_head.weight, std=config.init_factor)
         self.tie_weights()
