@@ -4,7 +4,7 @@ GPT-2 shape: 6 layers, 6 heads, 384 wide, sequence 256, vocabulary 8192, batch 1
 AdamW (lr 3e-4, weight decay 0.1 on matrices), fp32, gradient clipping 1.0. transformers runs in a
 plain PyTorch loop (forward with labels, backward, clip, AdamW step); lmforge runs its own training
 step (the one `fit()` uses: task loss, fused AdamW). The two alternate in timed blocks after warm-up;
-the best block of each counts. A large matrix product is timed in the same run, and our achieved
+the best block of each counts. A large matrix product is timed in the same run (the faster of the BLAS and oneDNN), and our achieved
 FLOP/s (6 x parameters x tokens + attention, per step) is reported as a fraction of it.
 
 Prints one JSON line (the last line of stdout).
@@ -27,10 +27,13 @@ LAYERS, HEADS, DIM, SEQ, VOCAB, BATCH, DROPOUT = 6, 6, 384, 256, 8192, 16, 0.1
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n fp32 matrix product (best of `repeats`)."""
+    """FLOP/s of an n x n x n fp32 matrix product: the faster of PyTorch's BLAS (`a @ b`) and oneDNN's
+    GEMM (which lmforge's training uses on the CPU), best of `repeats` each."""
+    from lmforge.models.linear import ENABLED, matmul_t
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    products = [lambda: a @ b] + ([lambda: matmul_t(a, b)] if ENABLED else [])
+    best = min(_seconds(p) for p in products for _ in range(repeats + 1))
     return 2 * n**3 / best
 
 
