@@ -379,6 +379,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from .train.report import write_report
 
     d = init_distributed(cfg.train.device)
+    if d.enabled and cfg.train.distributed == "fsdp":  # the task metrics run unevenly sized shares per process
+        raise ConfigError("train.distributed=fsdp is for pretraining; fine-tuning runs under torchrun with ddp "
+                          "(train.distributed=ddp)")
     folder = Path(cfg.run.dir) / cfg.run.name
     run = Run(folder, main=d.main, resume=cfg.run.resume)
     run.write_text("config.yaml", to_yaml(cfg))
