@@ -1,9 +1,15 @@
-"""Llama family: parity with transformers, KV cache, padding, save/load round trip."""
+"""Llama family: parity with transformers, KV cache, padding, save/load round trip, classifier."""
+
+import random
 
 import pytest
 import torch
 
 from lmforge.models import hub, llama
+from lmforge.tasks.classify import SequenceClassification
+from lmforge.tokenizer import train_tokenizer
+from lmforge.train.logging import Run
+from lmforge.train.loop import TrainConfig, fit
 
 tf = pytest.importorskip("transformers")
 
@@ -124,3 +130,64 @@ def test_saved_folder_loads_in_transformers_and_back(tmp_path):
         torch.testing.assert_close(reloaded_hf(ids).logits, hf(ids).logits)
         torch.testing.assert_close(reloaded(ids), hf(ids).logits)
     assert reloaded.lm_head.weight is reloaded.model.embed.weight
+
+
+def tiny_hf_classifier(tied: bool = False, seed: int = 8):
+    torch.manual_seed(seed)
+    config = tiny_hf(tied).config
+    config.num_labels = 3
+    return tf.LlamaForSequenceClassification(config).eval()
+
+
+def test_sequence_classification_matches_transformers():
+    hf = tiny_hf_classifier()
+    cfg = llama.LlamaConfig.from_hf(hf.config.to_dict())
+    ours = llama.LlamaForSequenceClassification(cfg).eval()
+    ours.load_state_dict(llama.from_hf_state_dict(hf.state_dict(), cfg), strict=True)
+    assert cfg.num_labels == 3 and cfg.n_kv_heads == 2
+    left, left_mask = left_padded()
+    right, right_mask = left.flip(1), left_mask.flip(1)  # right-padded with pad_token_id 0
+    with torch.no_grad():
+        expected = hf(right, attention_mask=right_mask).logits  # (B, 3)
+        torch.testing.assert_close(ours(right, right_mask), expected)
+        torch.testing.assert_close(ours(right), expected)  # no mask: last token found by pad_token_id
+        expected = hf(left, attention_mask=left_mask, position_ids=hf_positions(left_mask)).logits
+        torch.testing.assert_close(ours(left, left_mask), expected)
+    assert set(llama.to_hf_state_dict(ours.state_dict(), cfg)) == set(hf.state_dict())
+
+
+def test_classifier_head_on_a_checkpoint_and_saved_classifier_round_trip(tmp_path):
+    lm = tiny_hf(tied=True, seed=9)
+    lm.save_pretrained(tmp_path / "lm")
+    torch.manual_seed(0)
+    ours = hub.load_model(tmp_path / "lm", architecture="LlamaForSequenceClassification", num_labels=3)
+    assert type(ours) is llama.LlamaForSequenceClassification and ours.score.weight.shape == (3, 32)
+    torch.testing.assert_close(ours.model.embed.weight, lm.model.embed_tokens.weight)
+    hub.save(ours, tmp_path / "cls")
+    hf = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls").eval()
+    reloaded = hub.load_model(tmp_path / "cls")
+    assert type(hf).__name__ == "LlamaForSequenceClassification" and hf.config.num_labels == 3
+    ids, mask = left_padded()
+    ids, mask = ids.flip(1), mask.flip(1)
+    with torch.no_grad():
+        expected = ours(ids, mask)
+        torch.testing.assert_close(hf(ids, attention_mask=mask).logits, expected)
+        torch.testing.assert_close(reloaded(ids, mask), expected)
+
+
+def test_classifier_trains_with_sequence_classification(tmp_path):
+    rng = random.Random(0)
+    words = ["the", "a", "cat", "sat", "on", "mat", "big", "small", "tree", "red"]
+    rows = [{"text": " ".join(rng.choices(words, k=rng.randint(3, 8)))} for _ in range(240)]
+    for row in rows:
+        row["label"] = "red" if "red" in row["text"].split() else "no"
+    (tmp_path / "text.txt").write_text("\n".join(r["text"] for r in rows), encoding="utf-8")
+    tok = train_tokenizer("bpe", tmp_path / "text.txt", vocab_size=200)
+    task = SequenceClassification(rows[:200], rows[200:], tok, batch_size=16)
+    torch.manual_seed(0)
+    model = llama.LlamaForSequenceClassification(llama.LlamaConfig(
+        vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_len=64))
+    cfg = TrainConfig(max_steps=60, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0,
+                      log_every=5)
+    state = fit(model, task, cfg, Run(tmp_path / "run"))
+    assert state["accuracy"] > 0.9 and state["val_loss"] < 0.3, state

@@ -23,7 +23,8 @@ from .train.loop import TrainConfig
 
 # task kind -> model_type -> transformers architecture of the model to train
 ARCHITECTURES = {
-    "classify": {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"},
+    "classify": {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification",
+                 "llama": "LlamaForSequenceClassification"},
     "ner": {"bert": "BertForTokenClassification"},
     "qa": {"bert": "BertForQuestionAnswering"},
     "seq2seq": {"t5": "T5ForConditionalGeneration", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"},

@@ -2,8 +2,9 @@
 
 Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models" (arXiv:2302.13971).
 Also loads SmolLM2 and other checkpoints with the same layout.
+Loads and saves transformers' LlamaForCausalLM / LlamaForSequenceClassification weights.
 
-Shapes: B batch, T time, C channels, V vocabulary.
+Shapes: B batch, T time, C channels, V vocabulary, L labels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from .attention import Attention, KVCache, build_mask, check_context, positions, rotary_tables
 from .decoder import DecoderLM
+from .gpt import last_token_index
 from .linear import Linear
 from .statedict import rename
 
@@ -39,7 +41,8 @@ class LlamaConfig:
     init_std: float = 0.02
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
-    pad_token_id: int | None = None
+    pad_token_id: int | None = None  # sequence classification: finds the last token when no mask is given
+    num_labels: int = 2  # sequence classification head only
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -64,7 +67,8 @@ class LlamaConfig:
             attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
             dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("initializer_range", 0.02),
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"))
+            pad_token_id=hf.get("pad_token_id"),
+            num_labels=hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
 
     def to_hf(self) -> dict:
         """A transformers `config.json` dict."""
@@ -77,7 +81,8 @@ class LlamaConfig:
             "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias, "hidden_act": "silu",
             "attention_dropout": self.dropout, "initializer_range": self.init_std,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "num_labels": self.num_labels}
 
 
 PRESETS = {
@@ -189,7 +194,28 @@ class LlamaForCausalLM(DecoderLM):
             nn.init.zeros_(module.bias)
 
 
-ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM}
+class LlamaForSequenceClassification(nn.Module):
+    """Llama with a linear head on the last real token of each row: token ids -> class logits (B, L)."""
+
+    _init_weights = LlamaForCausalLM._init_weights  # the same normal(init_std) init, the new head included
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = Llama(config)
+        self.score = Linear(config.dim, config.num_labels, bias=False)
+        self.apply(self._init_weights)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, prefix: list | None = None) -> torch.Tensor:
+        """input_ids (B, T), left- or right-padded; attention_mask (B, T) 1 for tokens, 0 for padding."""
+        hidden = self.model(input_ids, attention_mask, position_ids, prefix=prefix)  # (B, T, C)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+        return self.score(hidden[torch.arange(len(last), device=last.device), last])  # (B, C) -> (B, L)
+
+
+ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM,
+                 "LlamaForSequenceClassification": LlamaForSequenceClassification}
 
 # (HF name part, our name part)
 HF_RENAMES = [(".embed_tokens.", ".embed."), (".self_attn.", ".attn."),
@@ -197,14 +223,14 @@ HF_RENAMES = [(".embed_tokens.", ".embed."), (".self_attn.", ".attn."),
 
 
 def from_hf_state_dict(state: dict, config: LlamaConfig) -> dict:
-    """transformers LlamaForCausalLM weights -> ours."""
+    """transformers LlamaForCausalLM / LlamaForSequenceClassification weights -> ours."""
     state = rename(state, HF_RENAMES)
-    if config.tie_embeddings:
+    if config.tie_embeddings and "score.weight" not in state:  # a classifier has no LM head to tie
         state["lm_head.weight"] = state["model.embed.weight"]
     return state
 
 
 def to_hf_state_dict(state: dict, config: LlamaConfig) -> dict:
-    """Our weights -> transformers LlamaForCausalLM names (tied head left out, as transformers saves it)."""
+    """Our weights -> transformers Llama names (a tied LM head left out, as transformers saves it)."""
     state = {k: v for k, v in state.items() if not (config.tie_embeddings and k == "lm_head.weight")}
     return rename(state, HF_RENAMES, to_hf=True)

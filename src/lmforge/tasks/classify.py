@@ -9,8 +9,8 @@
 
 The names are transformers' `problem_type`s; by default the problem follows the labels (lists:
 multi-label, non-integer floats: regression, else single-label). Works with BertForSequenceClassification
-(pooled [CLS]) and GPTForSequenceClassification (the last real token, found by attention_mask). There
-is no Llama classifier in lmforge.models yet.
+(pooled [CLS]) and GPTForSequenceClassification / LlamaForSequenceClassification (the last real token,
+found by attention_mask).
 
 Text is tokenized once, truncated to `max_len` tokens special tokens included (pairs "longest first",
 as transformers does); batches are padded to their longest row (dynamic padding), training batches
