@@ -279,8 +279,6 @@ def build_model(cfg: FinetuneConfig, task, tokenizer):
     if cfg.model.random_init:
         hf = {**read_config(path), **overrides}
         return _fresh(family(model_type), cfg.task.kind, hf)
-    if path.suffix == ".gguf":
-        return load_model(path)
     return load_model(path, architecture=arch, **overrides)
 
 

@@ -122,7 +122,7 @@ def load_model(path: str | os.PathLike, architecture: str | None = None, dtype: 
     """
     path = resolve(path)
     if path.suffix == ".gguf":
-        return load_gguf(path)[0].to(device=device, dtype=dtype)
+        return load_gguf(path, architecture, **overrides)[0].to(device=device, dtype=dtype)
     hf = {**_generation_defaults(path, read_config(path)), **overrides}
     module = family(hf.get("model_type", "?"))
     arch = _architecture(module, hf, architecture)
@@ -256,8 +256,10 @@ def read_gguf_fields(reader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
-def load_gguf(path: str | os.PathLike):
-    """Import a Llama-family GGUF file: (LlamaForCausalLM in fp32, Tokenizer)."""
+def load_gguf(path: str | os.PathLike, architecture: str | None = None, **overrides):
+    """Import a Llama-family GGUF file: (LlamaForCausalLM in fp32, Tokenizer). `architecture` (e.g.
+    "LlamaForSequenceClassification") puts another head on the weights; `overrides` change config
+    fields in transformers' names (e.g. num_labels=3)."""
     import gguf
 
     path = Path(path)
@@ -266,13 +268,19 @@ def load_gguf(path: str | os.PathLike):
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama)")
-    from .llama import LlamaForCausalLM
+    from . import llama
 
     config = _gguf_config(fields, {t.name for t in reader.tensors})
     state = {_gguf_name(t.name): _gguf_tensor(path, t, config) for t in reader.tensors}
-    if config.tie_embeddings:
+    arch = architecture or "LlamaForCausalLM"
+    if arch not in llama.ARCHITECTURES:
+        raise CheckpointError(f"{path}: architecture {arch!r} is not a Llama one; choose from "
+                              f"{', '.join(llama.ARCHITECTURES)}")
+    if overrides:
+        config = llama.LlamaConfig.from_hf({**config.to_hf(), **overrides})
+    if config.tie_embeddings and arch == "LlamaForCausalLM":
         state["lm_head.weight"] = state["model.embed.weight"]
-    model = build_with_weights(LlamaForCausalLM, config, state, path, same_head=True)
+    model = build_with_weights(llama.ARCHITECTURES[arch], config, state, path, same_head=arch == "LlamaForCausalLM")
     return model.eval(), Tokenizer.from_gguf_fields(fields)
 
 
