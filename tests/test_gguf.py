@@ -183,6 +183,17 @@ def test_lmforge_load_reads_gguf(files, tokenizer):
     torch.testing.assert_close(logits(hub.load_model(path)), logits(original))
 
 
+def test_a_new_head_on_gguf_weights(files):
+    original, path = files["tied"]
+    model = hub.load_model(path, architecture="LlamaForSequenceClassification", num_labels=3)
+    assert isinstance(model, llama.LlamaForSequenceClassification) and model.score.weight.shape[0] == 3
+    for name, w in original.model.state_dict().items():  # the backbone is the file's
+        assert torch.equal(model.model.state_dict()[name], w), name
+    assert logits(model).shape == (2, 3)
+    with pytest.raises(hub.CheckpointError, match="not a Llama one"):
+        hub.load_model(path, architecture="BertForSequenceClassification")
+
+
 def test_info_describes_a_gguf_file(files, capsys):
     original, path = files["tied"]
     assert cli.main(["info", str(path)]) == 0
