@@ -191,12 +191,12 @@ class Attention(nn.Module):
         steps when dropout is on, with a slower mask)."""
         if self.n_kv_heads != self.n_heads:
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
-        scores = (q @ k.transpose(-2, -1)) * (self.scale or q.shape[-1] ** -0.5)  # (B, H, T, S)
+        scores = (q * (self.scale or q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)  # (B, H, T, S); scaling q is cheaper
         if is_causal:
             T, S = scores.shape[-2:]
-            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        elif mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            scores.masked_fill_(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        elif mask is not None:  # in place: the product's backward does not need its output
+            scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
         return dropout(scores.softmax(-1), self.dropout) @ v
 
     def _keys_values(self, x, context, static):
