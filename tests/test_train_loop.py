@@ -142,6 +142,21 @@ def test_early_stopping_keeps_the_best_weights(tmp_path):
     assert json.loads((checkpoints(run.folder)[-1] / "trainer.json").read_text())["bad_evals"] == 2
 
 
+def test_eval_first_scores_the_starting_point_and_can_be_the_best(tmp_path):
+    model, task = make()
+    with torch.no_grad():
+        start = evaluate(model, task, Dist(), CFG["eval_batches"])["val_loss"]
+    run = Run(tmp_path / "r")
+    cfg = TrainConfig(**{**CFG, "max_steps": 4, "lr": 5.0, "min_lr": 5.0, "warmup_steps": 0, "eval_every": 2,
+                         "eval_first": True, "patience": 5, "grad_clip": 0.0})  # training only makes it worse
+    state = fit(model, task, cfg, run)
+    vals = [(r["step"], r["val_loss"]) for r in run.records() if "val_loss" in r]
+    assert vals[0] == (0, pytest.approx(start, rel=1e-6)) and [s for s, _ in vals] == [0, 2, 4]
+    assert state["best_step"] == 0  # the exported weights are the untouched start
+    with torch.no_grad():
+        assert evaluate(model, task, Dist(), cfg.eval_batches)["val_loss"] == pytest.approx(start, rel=1e-5)
+
+
 def test_adalora_through_fit_reallocates_ranks_within_budget(tmp_path):
     from lmforge.peft.adalora import AdaLoraConfig, apply_adalora
 

@@ -56,6 +56,9 @@ class TrainConfig:
     patience: int = 0
     """Early stopping: stop after this many evaluations without a better `metric`; 0 = off.
     When on, the best weights are kept (best.safetensors) and exported at the end."""
+    eval_first: bool = False
+    """Also validate before the first step (logged as step 0): where training starts from, e.g. the
+    base model's score, which then counts for early stopping and the best weights."""
     metric: str = "val_loss"
     """The validation number that early stopping and the best weights follow: losses and perplexities
     are minimised, anything else the task reports (accuracy, f1, exact_match, bleu, ...) maximised."""
@@ -95,6 +98,8 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     count_targets = getattr(task, "targets", _targets)
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not d.main, desc="train", unit="step",
                     dynamic_ncols=True)
+    if cfg.eval_first and state["step"] == 0:
+        _evaluate_and_check(model, task, cfg, run, d, state, 0, autocast)
     for step in range(state["step"], cfg.max_steps):
         set_lr(optimizer, lr := lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule))
         shares = d.world * accum  # the step's global batch, split over processes and micro-steps
