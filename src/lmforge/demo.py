@@ -1,12 +1,18 @@
 """`lmforge demo` (`make demo`): a tour of what lmforge does, offline, on real weights and data
-that install from the package index."""
+that install from the package index: chat with SmolLM2, sentence similarity with MiniLM, then
+pretrain a small BERT, fine-tune it against a randomly initialised twin, and fine-tune MiniLM with
+LoRA (demo_finetune.py), all written up in runs/demo/report.md (demo_report.py)."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
+from .demo_finetune import FULL, Demo, Sizes, pretrain_step, reviews_step, tweets_step
+from .demo_report import write_report
 from .generate import stream_text
 from .models.hub import load
 
@@ -68,14 +74,38 @@ def similarity_step(query: str = QUERY, candidates: list[str] = CANDIDATES) -> N
         print(f"  {score:6.3f}  {text}")
 
 
-STEPS = [("Chat", chat_step), ("Sentence similarity", similarity_step)]
+STEPS = [  # (title, step(demo)); the last three are the pretrain -> fine-tune story of demo_finetune.py
+    ("Chat", lambda demo: chat_step()),
+    ("Sentence similarity", lambda demo: similarity_step()),
+    ("Pretraining: a small BERT reads People's Daily (masked LM)", pretrain_step),
+    ("Fine-tuning: what pretraining buys (Chinese review sentiment)", reviews_step),
+    ("LoRA: MiniLM on English tweets (three classes)", tweets_step),
+]
+MARKER = ".lmforge-demo"  # a folder holding it was written by the demo, which may replace it
 
 
-def main() -> None:
-    print("lmforge demo: offline, on real weights installed from the package index\n")
+def main(sizes: Sizes = FULL, folder: str | Path = "runs/demo", steps=None) -> Path:
+    """Run the steps (default: all) at `sizes`, their runs in `folder`; returns folder/report.md."""
+    steps = STEPS if steps is None else steps
+    print("lmforge demo: offline, on real weights and data installed from the package index\n")
     start = time.perf_counter()
-    for number, (title, step) in enumerate(STEPS, 1):
-        print(f"[{number}/{len(STEPS)}] {title}")
-        step()
+    demo = Demo(_fresh_folder(Path(folder)), sizes)
+    for number, (title, step) in enumerate(steps, 1):
+        print(f"[{number}/{len(steps)}] {title}")
+        step(demo)
         print()
+    report = write_report(demo)
+    print(f"Report (tables, curves, confusion matrices, predictions): {report}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return report
+
+
+def _fresh_folder(folder: Path) -> Path:
+    """The demo's folder, emptied when a previous demo wrote it; never a folder the demo did not write."""
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).exists():
+            raise ValueError(f"{folder} exists and was not written by `lmforge demo`; move it away first")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text("written by `lmforge demo`; the next demo replaces this folder\n")
+    return folder

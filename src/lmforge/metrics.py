@@ -4,6 +4,7 @@ Classification (labels are any hashable names or ids):
     accuracy(predictions, references)                      fraction equal (multi-label: exact set match)
     f1(predictions, references, average="macro"|"micro")   single-label, or multi-label when each item is
                                                            a list/set of labels; as scikit-learn computes it
+    confusion_matrix(predictions, references, labels)      counts[gold][predicted], rows in `labels` order
     mse(predictions, references), pearson(x, y)            regression
 Named-entity recognition (entity level, seqeval = conlleval):
     span_f1(references, predictions)                       precision / recall / f1 + per-type report
@@ -40,6 +41,15 @@ def f1(predictions, references, average: str = "macro") -> float:
         return _f1(sum(tp.values()), sum(fp.values()), sum(fn.values()))
     labels = set(tp) | set(fp) | set(fn)
     return sum(_f1(tp[k], fp[k], fn[k]) for k in labels) / len(labels) if labels else 0.0
+
+
+def confusion_matrix(predictions, references, labels) -> list[list[int]]:
+    """Single-label counts: row = reference label, column = predicted label, both in `labels` order."""
+    index = {label: i for i, label in enumerate(labels)}
+    counts = [[0] * len(index) for _ in index]
+    for p, r in zip(predictions, references, strict=True):
+        counts[index[r]][index[p]] += 1
+    return counts
 
 
 def _confusion(predictions, references) -> tuple[Counter, Counter, Counter]:

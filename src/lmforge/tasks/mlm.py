@@ -199,11 +199,10 @@ class MaskedLM:
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                mlm_logits, nsp_logits = self._forward(model, batch)
-                labels, target = batch["labels"], batch["labels"] != -100
-                sums["mlm"] += float(_mlm_sum(mlm_logits, labels)[0])
-                sums["mlm_ok"] += float((mlm_logits.argmax(-1)[target] == labels[target]).sum())
-                sums["n"] += float(target.sum())
+                mlm_logits, nsp_logits = self._forward(model, batch)  # (N, V) at the N masked positions
+                sums["mlm"] += float(_mlm_sum(mlm_logits, batch["labels"])[0])
+                sums["mlm_ok"] += float((mlm_logits.argmax(-1) == _targets(batch["labels"])).sum())
+                sums["n"] += len(mlm_logits)
                 if self.nsp:
                     y = batch["next_sentence_label"]
                     sums["nsp"] += float(F.cross_entropy(nsp_logits.float(), y, reduction="sum"))
@@ -216,8 +215,10 @@ class MaskedLM:
         return out
 
     def _forward(self, model, batch: dict):
-        """(MLM logits (B, T, V), NSP logits (B, 2) or None) from BertForPreTraining / BertForMaskedLM."""
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        """(MLM logits (N, V) at the N masked positions (row-major), NSP logits (B, 2) or None) from
+        BertForPreTraining / BertForMaskedLM: the vocabulary projection runs on masked positions only."""
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                    masked=batch["labels"] != -100)
         mlm_logits, nsp_logits = out if isinstance(out, tuple) else (out, None)
         if self.nsp and nsp_logits is None:
             raise ValueError("task.nsp is on but the model has no next-sentence head; train a "
@@ -226,8 +227,14 @@ class MaskedLM:
 
 
 def _mlm_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, int((labels != -100).sum())
+    """(summed cross-entropy, N) of logits (N, V) at the masked positions of labels (B, T)."""
+    targets = _targets(labels)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), len(targets)
+
+
+def _targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T) -> (N,) the original ids at the masked positions, in row-major order."""
+    return labels[labels != -100]
 
 
 class _SegmentTable:

@@ -8,15 +8,24 @@ from pathlib import Path
 from ..config import to_yaml
 
 
-def plot_curves(folder: Path, records: list[dict], metric: str | None = None) -> list[str]:
-    """loss.png (train and validation), lr.png, and perplexity.png or, when the run follows a task
-    metric (accuracy, f1, bleu, ...), <metric>.png; returns the file names written."""
+def _pyplot():
+    """matplotlib.pyplot drawing to files (no display), or None: plots are an optional extra
+    (`pip install lmforge[train]`)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # plots are an optional extra: `pip install lmforge[train]`
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_curves(folder: Path, records: list[dict], metric: str | None = None) -> list[str]:
+    """loss.png (train and validation), lr.png, and perplexity.png or, when the run follows a task
+    metric (accuracy, f1, bleu, ...), <metric>.png; returns the file names written."""
+    plt = _pyplot()
+    if plt is None:
         return []
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
@@ -47,6 +56,30 @@ def plot_curves(folder: Path, records: list[dict], metric: str | None = None) ->
         plt.close(fig)
         written.append(name)
     return written
+
+
+def plot_confusion(path: Path, matrix: list[list[int]], labels: list[str], title: str = "") -> bool:
+    """A confusion matrix as a PNG: rows = gold label, columns = predicted, each cell its count
+    (shaded by the share of its row). False when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    shares = [[n / max(sum(row), 1) for n in row] for row in matrix]
+    size = 1.2 + 0.9 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 0.8, size), dpi=110)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", color="white" if shares[i][j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 2 else 0)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def write_report(run, cfg, model, state: dict, wall_seconds: float) -> Path | None:
