@@ -128,6 +128,16 @@ def _read_args(args) -> dict:
             "columns": columns or None, "limit": args.limit or None, "skip_bad_rows": args.skip_bad_rows}
 
 
+def _add_run_verb(verbs, name: str, run, recipe: str, example: str) -> None:
+    """A verb that runs a YAML recipe with `key.sub=value` overrides and `--resume` (pretrain, finetune)."""
+    p = verbs.add_parser(name, help=run.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=f"{run.__doc__}\n\nexample:\n  {example}")
+    p.add_argument("config", help=f"a YAML recipe, e.g. {recipe}")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.set_defaults(run=run)
+
+
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     from .data.labeled import FORMATS
     from .evaluate import KINDS
@@ -229,22 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=cmd_convert)
 
-    p = verbs.add_parser("pretrain", help=cmd_pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description=cmd_pretrain.__doc__ + "\n\nexample:\n  lmforge pretrain "
-                         "configs/pretrain/shakespeare-char-cpu.yaml run.name=try1 train.max_steps=500\n"
-                         "  torchrun --nproc-per-node 2 -m lmforge pretrain CONFIG   (DDP; gloo on CPU)")
-    p.add_argument("config", help="a YAML recipe, e.g. configs/pretrain/shakespeare-char-cpu.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    p.set_defaults(run=cmd_pretrain)
-
-    p = verbs.add_parser("finetune", help=cmd_finetune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         description=cmd_finetune.__doc__ + "\n\nexample:\n  lmforge finetune "
-                         "configs/finetune/sst2-minilm-lora.yaml run.name=try1 train.max_steps=300")
-    p.add_argument("config", help="a YAML recipe, e.g. configs/finetune/sst2-minilm.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="change config values")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    p.set_defaults(run=cmd_finetune)
+    _add_run_verb(verbs, "pretrain", cmd_pretrain, "configs/pretrain/shakespeare-char-cpu.yaml",
+                  "lmforge pretrain configs/pretrain/shakespeare-char-cpu.yaml run.name=try1 train.max_steps=500\n"
+                  "  torchrun --nproc-per-node 2 -m lmforge pretrain CONFIG   (DDP; gloo on CPU)")
+    _add_run_verb(verbs, "finetune", cmd_finetune, "configs/finetune/sst2-minilm.yaml",
+                  "lmforge finetune configs/finetune/sst2-minilm-lora.yaml run.name=try1 train.max_steps=300")
 
     p = verbs.add_parser("compare", help=cmd_compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                          description=cmd_compare.__doc__ + "\n\nexample:\n  lmforge compare "

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.batching import EpochBatches, share
+from ..data.batching import share
 from ..data.collate import pad_sequences
-from .classify import gather
+from .classify import FeatureBatches, gather
 from .seq2seq import IGNORE, causal_lm_loss, eval_rows, generate_texts, text_scores
 
 
@@ -55,7 +55,7 @@ class Features:
     labels: list[list[int]]
 
 
-class ChatSFT:
+class ChatSFT(FeatureBatches):
     """Chat SFT batches, loss, metrics and replies.
 
     Args:
@@ -86,9 +86,7 @@ class ChatSFT:
         self.sampling = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.metric_examples, self.dropped = metric_examples, 0
         self.val_examples = [_messages(ex, i, "validation") for i, ex in enumerate(val or ())]
-        self.train = self.features(train, "train") if train else None
-        self.val = self.features(val, "validation") if val else None
-        self.sampler = EpochBatches([len(r) for r in self.train.ids], batch_size, seed) if train else None
+        self.set_splits(train, val, batch_size, seed)
 
     # ---- features and batches ----------------------------------------------------------------------
 

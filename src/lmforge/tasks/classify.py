@@ -19,6 +19,7 @@ length-grouped by `EpochBatches`. Every row is one target: `fit()` averages loss
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -37,7 +38,14 @@ DEFAULT_MAX_LEN = 512  # when the tokenizer does not know its model's maximum le
 
 class FeatureBatches:
     """train_batch / eval_batches of a task holding tokenized `train` / `val` features, a
-    `collate(features, rows)` and an `EpochBatches` sampler (classification, NER, QA)."""
+    `collate(features, rows)` and an `EpochBatches` sampler (classification, NER, QA, chat)."""
+
+    def set_splits(self, train, val, batch_size: int, seed: int) -> None:
+        """Tokenize the splits (`self.features`; None for a split not given) and sample training
+        batches grouped by length."""
+        self.train = self.features(train, "train") if train else None
+        self.val = self.features(val, "validation") if val else None
+        self.sampler = EpochBatches([len(r) for r in self.train.ids], batch_size, seed) if train else None
 
     def train_batch(self, step: int, part: int = 0, parts: int = 1) -> dict:
         return self.collate(self.train, share(self.sampler(step), part, parts))
@@ -87,9 +95,7 @@ class SequenceClassification(FeatureBatches):
         self.max_len = max_len or _max_len(tokenizer)
         self.pad_id = _pad_id(tokenizer)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.train = self.features(train, "train") if train else None
-        self.val = self.features(val, "validation") if val else None
-        self.sampler = EpochBatches([len(r) for r in self.train.ids], batch_size, seed) if train else None
+        self.set_splits(train, val, batch_size, seed)
 
     @property
     def num_labels(self) -> int:
@@ -275,8 +281,14 @@ def model_inputs(model, batch: dict) -> dict:
     """The batch tensors the model's forward takes (GPT-2 has no token_type_ids)."""
     bare = getattr(model, "_orig_mod", model)  # torch.compile
     bare = getattr(bare, "module", bare)  # DDP
-    accepted = inspect.signature(bare.forward).parameters
+    accepted = _forward_parameters(type(bare))
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch and k in accepted}
+
+
+@functools.cache
+def _forward_parameters(cls) -> frozenset:
+    """The argument names of a model class's forward (inspected once per class, not per batch)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def eval_rows(feats: Features | None, batch_size: int, rank: int = 0, world: int = 1):

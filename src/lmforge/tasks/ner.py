@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics as M
-from ..data.batching import EpochBatches
 from ..data.collate import pad_sequences
 from ..data.labeled import infer_labels
 from .classify import FeatureBatches, _max_len, _pad_id, encode, gather, model_inputs, predict_rows
@@ -69,9 +68,7 @@ class TokenClassification(FeatureBatches):
         self.tokenizer, self.mode, self.scheme = tokenizer, mode, scheme
         self.max_len, self.pad_id = max_len or _max_len(tokenizer), _pad_id(tokenizer)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.train = self.features(train, "train") if train else None
-        self.val = self.features(val, "validation") if val else None
-        self.sampler = EpochBatches([len(r) for r in self.train.ids], batch_size, seed) if train else None
+        self.set_splits(train, val, batch_size, seed)
 
     @property
     def num_labels(self) -> int:

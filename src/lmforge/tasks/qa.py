@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer as Backend
 
 from .. import metrics as M
-from ..data.batching import EpochBatches
 from ..data.collate import pad_sequences
 from .classify import FeatureBatches, eval_rows, gather, model_inputs
 
@@ -84,9 +83,7 @@ class QuestionAnswering(FeatureBatches):
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.train_examples, self.val_examples = train, val
-        self.train = self.features(train, "train") if train else None
-        self.val = self.features(val, "validation") if val else None
-        self.sampler = EpochBatches([len(r) for r in self.train.ids], batch_size, seed) if train else None
+        self.set_splits(train, val, batch_size, seed)
 
     # ---- features and batches ----------------------------------------------------------------------
 
