@@ -1,6 +1,7 @@
 """GPT-2 family: parity with transformers, weight conversion both ways, KV cache, padding, generation."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -93,6 +94,25 @@ def test_hf_from_pretrained_reads_our_weights(pair, tmp_path, with_head):
     loaded = tf.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, V, (2, 12))
     torch.testing.assert_close(loaded(ids).logits, hf(ids).logits)
+
+
+@pytest.mark.parametrize("cls", [gpt.GPTForCausalLM, gpt.GPTForSequenceClassification])
+def test_model_without_biases_exports_zero_biases_to_hf(cls):
+    """nanoGPT's `bias=False`: no bias parameters here; transformers' GPT-2 gets zero biases and
+    computes the same outputs."""
+    torch.manual_seed(0)
+    cfg = gpt.GPTConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, max_len=64, bias=False, act="gelu",
+                        pad_token_id=PAD)
+    ours = cls(cfg).eval()
+    assert not any(name.endswith("bias") for name, _ in ours.named_parameters())
+    state = gpt.to_hf_state_dict(ours.state_dict(), cfg)
+    hf_cls = tf.GPT2LMHeadModel if cls is gpt.GPTForCausalLM else tf.GPT2ForSequenceClassification
+    hf = hf_cls(tf.AutoConfig.for_model(**cfg.to_hf())).eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # the tied head
+    hf.tie_weights()
+    ids = torch.randint(3, V, (2, 12))
+    torch.testing.assert_close(ours(ids), hf(ids).logits)
 
 
 def test_bare_gpt2model_checkpoint_loads_into_every_model(pair):
@@ -239,7 +259,7 @@ def test_init_scales_residual_projections():
 @pytest.mark.parametrize("name", list(gpt.PRESETS))
 def test_presets_build(name):
     cfg = gpt.PRESETS[name]
-    assert gpt.GPTConfig.from_hf(cfg.to_hf()) == cfg
+    assert gpt.GPTConfig.from_hf(cfg.to_hf()) == dataclasses.replace(cfg, bias=True)  # exported: zero biases
     with torch.device("meta"):  # no memory, no init time: only shapes
         model = gpt.GPTForCausalLM(cfg)
     assert model.lm_head.weight.shape == (cfg.vocab_size, cfg.dim)

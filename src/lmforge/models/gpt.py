@@ -40,6 +40,7 @@ class GPTConfig:
     dropout: float = 0.0  # on embeddings and on each residual branch (GPT-2 itself trained with 0.1)
     attention_dropout: float = 0.0  # on attention probabilities
     act: str = "gelu_new"
+    bias: bool = True  # biases in the Linear and LayerNorm layers (nanoGPT's `bias`; its recipes use False)
     init_std: float = 0.02
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
@@ -98,18 +99,20 @@ PRESETS = {
     "gpt2-medium": GPTConfig(dim=1024, n_layers=24, n_heads=16),
     "gpt2-large": GPTConfig(dim=1280, n_layers=36, n_heads=20),
     "gpt2-xl": GPTConfig(dim=1600, n_layers=48, n_heads=25),
-    # nanoGPT's Shakespeare-characters config for CPU (65 characters, context 64)
+    # nanoGPT's Shakespeare-characters config for CPU (65 characters, context 64). nanoGPT's model
+    # has no biases and the exact GELU; on this recipe that measured 0.012 worse in validation loss
+    # (1.901 vs 1.889, mean of seeds 1, 2, 3, 1337), so the preset keeps GPT-2's biases and GELU.
     "gpt-char-cpu": GPTConfig(vocab_size=65, dim=128, n_layers=4, n_heads=4, max_len=64, **_OWN_TOKENIZER),
 }
 
 
 class MLP(nn.Module):
-    """down(act(up(x))), with biases."""
+    """down(act(up(x)))."""
 
-    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu_new"):
+    def __init__(self, dim: int, hidden_dim: int, act: str = "gelu_new", bias: bool = True):
         super().__init__()
-        self.up_proj = Linear(dim, hidden_dim)
-        self.down_proj = Linear(hidden_dim, dim)
+        self.up_proj = Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = Linear(hidden_dim, dim, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,10 +124,10 @@ class Block(nn.Module):
 
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
-        self.attn = Attention(c.dim, c.n_heads, bias=True, dropout=c.attention_dropout)
-        self.mlp_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
-        self.mlp = MLP(c.dim, c.hidden_dim, c.act)
+        self.attn_norm = nn.LayerNorm(c.dim, eps=c.norm_eps, bias=c.bias)
+        self.attn = Attention(c.dim, c.n_heads, bias=c.bias, dropout=c.attention_dropout)
+        self.mlp_norm = nn.LayerNorm(c.dim, eps=c.norm_eps, bias=c.bias)
+        self.mlp = MLP(c.dim, c.hidden_dim, c.act, c.bias)
         self.dropout = Dropout(c.dropout)
 
     def forward(self, x, mask, is_causal, cache=None, prefix=None):  # x: (B, T, C)
@@ -142,7 +145,7 @@ class GPT(nn.Module):
         self.pos_embed = nn.Embedding(config.max_len, config.dim)
         self.dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.bias)
         self.apply(self._init_weights)
         self.register_load_state_dict_pre_hook(_strip_backbone_prefix)
 
@@ -276,7 +279,9 @@ def from_hf_state_dict(state: dict, config: GPTConfig) -> dict:
 
 def to_hf_state_dict(state: dict, config: GPTConfig) -> dict:
     """Our weights -> transformers GPT-2 names: q/k/v fused into `c_attn`, Conv1D weights transposed,
-    a tied `lm_head.weight` left out (as transformers saves it)."""
+    a tied `lm_head.weight` left out (as transformers saves it). A model without biases
+    (`bias=False`) gets zero biases, which transformers' GPT-2 requires and which change nothing."""
+    state = state if config.bias else _with_zero_biases(state)
     out = {}
     for key, value in state.items():
         if (config.tie_embeddings and key == "lm_head.weight") or any(f".attn.{n}." in key for n in QKV[1:]):
@@ -288,3 +293,13 @@ def to_hf_state_dict(state: dict, config: GPTConfig) -> dict:
         else:
             out[key] = value.t().contiguous() if _is_conv1d(key) else value
     return rename(out, HF_RENAMES, to_hf=True)
+
+
+def _with_zero_biases(state: dict) -> dict:
+    """Add a zero `.bias` beside every LayerNorm and Linear weight of the blocks and the final norm."""
+    out = dict(state)
+    for key, value in state.items():
+        names = key.split(".")
+        if names[-1] == "weight" and ("layers" in names or names[-2] == "norm"):
+            out.setdefault(key.removesuffix("weight") + "bias", value.new_zeros(value.shape[0]))
+    return out
