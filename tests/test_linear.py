@@ -55,3 +55,19 @@ def test_non_contiguous_input_and_frozen_weight():
     x.grad = None
     F.linear(x, w).pow(2).sum().backward()
     torch.testing.assert_close(g, x.grad)
+
+
+def test_first_token_rows_weight_gradient():
+    """The pooler's input `hidden[:, 0]` has rows a sequence apart; its transpose in the weight
+    gradient is copied into a layout oneDNN computes with its fast kernels. Same values either way."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 7, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    L.linear(hidden[:, 0], w).pow(2).sum().backward()
+    got = w.grad.clone(), hidden.grad.clone()
+    w.grad = hidden.grad = None
+    F.linear(hidden[:, 0], w).pow(2).sum().backward()
+    torch.testing.assert_close(got, (w.grad, hidden.grad))
+    assert L._blas_layout(hidden[:, 0].t()).is_contiguous()
+    view = torch.randn(16, 8).t()
+    assert L._blas_layout(view) is view  # a plain transpose is taken as it is

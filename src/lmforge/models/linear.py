@@ -29,7 +29,18 @@ ENABLED = os.environ.get("LMFORGE_ONEDNN", "1") != "0" and torch.backends.mkldnn
 
 def _matmul_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b.T (+ bias) by oneDNN; a (M, K), b (N, K), both 2-D, any strides."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(_blas_layout(a), _blas_layout(b), bias, "none", [], "")
+
+
+def _blas_layout(t: torch.Tensor) -> torch.Tensor:
+    """`t` if it is a matrix in row- or column-major order with rows (or columns) a fixed stride apart,
+    else a contiguous copy. oneDNN falls back to a reference kernel ~1000x slower on a column-major
+    view with padded columns, e.g. the transposed first-token rows `hidden[:, 0].t()` in the pooler's
+    weight gradient (130 ms instead of 0.1 ms for a 384 x 32 x 384 product)."""
+    row_major, col_major = t.stride(1) == 1, t.stride(0) == 1
+    if row_major or (col_major and t.stride(1) == t.shape[0]):
+        return t
+    return t.contiguous()
 
 
 def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
