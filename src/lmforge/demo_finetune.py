@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import demo_data
 from .train.loop import TrainConfig
+from .train.report import duration
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _pretrain_notes(demo: Demo, state: dict, text: Path) -> list[str]:
     model = (f"BERT {_shape(s.bert)}, {_parameters(demo.pretrained) / 1e6:.1f}M parameters, WordPiece vocabulary "
              f"of {_vocab(demo.pretrained):,}")
     run = (f"masked LM, {state['step']} steps of {s.pretrain_batch} x {s.seq_len} tokens in "
-           f"{_clock(demo.pretrain_seconds)}")
+           f"{duration(demo.pretrain_seconds)}")
     loss = (f"masked-token loss {_first_loss(demo.folder / 'pretrain'):.2f} -> {state['loss']:.2f} (validation "
             f"{state['val_loss']:.2f}; predicting each character by its frequency alone: {_unigram_loss(text):.2f})")
     return [f"{model}; {run}", loss]
@@ -239,7 +240,7 @@ def print_table(outcomes: list[Outcome]) -> None:
     width = max(len(o.title) for o in outcomes)
     print(f"  {'':{width}}  test accuracy  trainable parameters  time")
     for o in outcomes:
-        print(f"  {o.title:{width}}  {100 * o.accuracy:12.1f}%  {_millions(o.trainable, o.total):>20}  {_clock(o.seconds)}")
+        print(f"  {o.title:{width}}  {100 * o.accuracy:12.1f}%  {_millions(o.trainable, o.total):>20}  {duration(o.seconds)}")
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -288,8 +289,3 @@ def _millions(trainable: int, total: int) -> str:
     if trainable == total:
         return f"{total / 1e6:.2f}M (all)"
     return f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M"
-
-
-def _clock(seconds: float) -> str:
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes} min {s:02d} s" if minutes else f"{s} s"

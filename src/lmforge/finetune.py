@@ -271,7 +271,7 @@ def build_model(cfg: FinetuneConfig, task, tokenizer):
         if cfg.model.preset not in presets:
             raise ConfigError(f"model.preset {cfg.model.preset!r} is unknown; choose one of: {', '.join(presets)}")
         module, preset = presets[cfg.model.preset]
-        hf = {**preset.to_hf(), "vocab_size": pretrain._vocab_size(tokenizer, ""), **_special_ids(tokenizer), **overrides}
+        hf = {**preset.to_hf(), "vocab_size": pretrain.padded_vocab_size(tokenizer), **_special_ids(tokenizer), **overrides}
         return _fresh(module, cfg.task.kind, hf)
     path = resolve(cfg.model.path)
     model_type = "llama" if path.suffix == ".gguf" else read_config(path).get("model_type", "?")
@@ -301,7 +301,6 @@ def _special_ids(tokenizer) -> dict:
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
            "decoder_start_token_id": tokenizer.pad_id}
     return {k: v for k, v in ids.items() if v is not None}
-
 
 
 # ------------------------------------------------------------------------------------------- peft

@@ -183,7 +183,7 @@ def build_model(cfg: PretrainConfig, tokenizer):
     model_type = preset.to_hf()["model_type"]
     arch = _check_objective(cfg.task.objective, model_type)
     fields = {f.name for f in dataclasses.fields(preset)}
-    changes = {"vocab_size": _vocab_size(tokenizer, cfg.task.objective), **cfg.model.overrides}
+    changes = {"vocab_size": padded_vocab_size(tokenizer, cfg.task.objective), **cfg.model.overrides}
     if "max_len" in fields:
         changes["max_len"] = max(changes.get("max_len", preset.max_len), cfg.task.seq_len)
     unknown = sorted(set(changes) - fields)
@@ -204,7 +204,7 @@ def _check_objective(objective: str, model_type: str) -> str:
     return arch
 
 
-def _vocab_size(tokenizer, objective: str) -> int:
+def padded_vocab_size(tokenizer, objective: str = "") -> int:
     """The tokenizer's size, plus T5's 100 sentinel ids for span corruption, rounded up to a multiple
     of 64 for faster matrix products (the extra rows are never targets)."""
     size = len(tokenizer) + (100 if objective == "span" else 0)

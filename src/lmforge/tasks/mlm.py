@@ -186,8 +186,8 @@ class MaskedLM:
         (equal to the plain mean when every piece has the same count; a piece with no masked
         token adds no NSP loss).
         """
-        mlm_logits, nsp_logits = self._forward(model, batch)
-        mlm_sum, n = _mlm_sum(mlm_logits, batch["labels"])
+        mlm_logits, targets, nsp_logits = self._forward(model, batch)
+        mlm_sum, n = F.cross_entropy(mlm_logits.float(), targets, reduction="sum"), len(targets)
         if not self.nsp:
             return mlm_sum, n
         return mlm_sum + F.cross_entropy(nsp_logits.float(), batch["next_sentence_label"]) * n, n
@@ -199,10 +199,10 @@ class MaskedLM:
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                mlm_logits, nsp_logits = self._forward(model, batch)  # (N, V) at the N masked positions
-                sums["mlm"] += float(_mlm_sum(mlm_logits, batch["labels"])[0])
-                sums["mlm_ok"] += float((mlm_logits.argmax(-1) == _targets(batch["labels"])).sum())
-                sums["n"] += len(mlm_logits)
+                mlm_logits, targets, nsp_logits = self._forward(model, batch)  # (N, V), (N,) masked positions
+                sums["mlm"] += float(F.cross_entropy(mlm_logits.float(), targets, reduction="sum"))
+                sums["mlm_ok"] += float((mlm_logits.argmax(-1) == targets).sum())
+                sums["n"] += len(targets)
                 if self.nsp:
                     y = batch["next_sentence_label"]
                     sums["nsp"] += float(F.cross_entropy(nsp_logits.float(), y, reduction="sum"))
@@ -215,26 +215,16 @@ class MaskedLM:
         return out
 
     def _forward(self, model, batch: dict):
-        """(MLM logits (N, V) at the N masked positions (row-major), NSP logits (B, 2) or None) from
-        BertForPreTraining / BertForMaskedLM: the vocabulary projection runs on masked positions only."""
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                    masked=batch["labels"] != -100)
+        """(MLM logits (N, V) at the N masked positions (row-major), their original ids (N,), NSP
+        logits (B, 2) or None) from BertForPreTraining / BertForMaskedLM: the vocabulary projection
+        runs on masked positions only."""
+        masked = batch["labels"] != -100  # (B, T)
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], masked=masked)
         mlm_logits, nsp_logits = out if isinstance(out, tuple) else (out, None)
         if self.nsp and nsp_logits is None:
             raise ValueError("task.nsp is on but the model has no next-sentence head; train a "
                              "BertForPreTraining, or set task.nsp=false for a BertForMaskedLM")
-        return mlm_logits, nsp_logits
-
-
-def _mlm_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy, N) of logits (N, V) at the masked positions of labels (B, T)."""
-    targets = _targets(labels)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), len(targets)
-
-
-def _targets(labels: torch.Tensor) -> torch.Tensor:
-    """labels (B, T) -> (N,) the original ids at the masked positions, in row-major order."""
-    return labels[labels != -100]
+        return mlm_logits, batch["labels"][masked], nsp_logits
 
 
 class _SegmentTable:

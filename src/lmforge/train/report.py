@@ -104,7 +104,7 @@ def write_report(run, cfg, model, state: dict, wall_seconds: float) -> Path | No
         f"# Run `{run.folder.name}`", "",
         f"- model: {type(model).__name__} ({source}), {sizes}",
         f"- objective: {objective}, {state.get('step', 0)} steps, {state.get('tokens', 0):,} tokens",
-        f"- wall time: {_duration(wall_seconds)} (training {_duration(state.get('elapsed', 0.0))})",
+        f"- wall time: {duration(wall_seconds)} (training {duration(state.get('elapsed', 0.0))})",
         f"- final training loss: {_num(state.get('loss'))}",
     ]
     if best is not None:
@@ -130,6 +130,7 @@ def _num(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """`1 min 5 s`, or `42 s` under a minute."""
     minutes, s = divmod(round(seconds), 60)
     return f"{minutes} min {s} s" if minutes else f"{s} s"
