@@ -140,16 +140,16 @@ class ChatSFT(FeatureBatches):
             return {}
         held = held[: self.metric_examples or len(held)]
         mine = share(np.arange(len(held)), rank, world, strict=False).tolist()
-        texts = self.replies(model, [held[i][:-1] for i in mine], self.eval_batch_size)
+        texts = self.replies(model, [held[i][:-1] for i in mine], self.eval_batch_size, rank == 0)
         pairs = sorted(gather(list(zip(mine, texts, strict=True)), world))
         references = [c[-1]["content"] for c in held]
         return text_scores([t for _, t in pairs], references, self.generation_metrics, self.bleu_tokenize)
 
-    def replies(self, model, conversations: list[list[dict]], batch_size: int) -> list[str]:
+    def replies(self, model, conversations: list[list[dict]], batch_size: int, progress: bool = False) -> list[str]:
         """The assistant's next reply to each conversation (rendered with the generation prompt)."""
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
                                                       **self.template_options) for c in conversations]
-        return generate_texts(model, self.tokenizer, prompts, batch_size, self.pad_id, **self.sampling)
+        return generate_texts(model, self.tokenizer, prompts, batch_size, self.pad_id, progress, **self.sampling)
 
     def predict(self, model, examples, batch_size: int = 8) -> list[dict]:
         """{"generated": the next assistant reply} per conversation; a conversation that ends with an

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .. import metrics as M
 from ..data.batching import EpochBatches, eval_order, share
@@ -156,13 +157,13 @@ class Seq2Seq:
             return {}
         n = min(self.metric_examples or len(self.val.prompts), len(self.val.prompts))
         mine = share(np.arange(n), rank, world, strict=False).tolist()
-        texts = self.generate(model, [self.val.prompts[i] for i in mine], self.eval_batch_size)
+        texts = self.generate(model, [self.val.prompts[i] for i in mine], self.eval_batch_size, rank == 0)
         pairs = sorted(gather(list(zip(mine, texts, strict=True)), world))
         return text_scores([t for _, t in pairs], self.val.references[:n], self.generation_metrics,
                            self.bleu_tokenize)
 
-    def generate(self, model, prompts: list[list[int]], batch_size: int) -> list[str]:
-        return generate_texts(model, self.tokenizer, prompts, batch_size, self.pad_id, **self.sampling)
+    def generate(self, model, prompts: list[list[int]], batch_size: int, progress: bool = False) -> list[str]:
+        return generate_texts(model, self.tokenizer, prompts, batch_size, self.pad_id, progress, **self.sampling)
 
     def predict(self, model, examples, batch_size: int = 16) -> list[dict]:
         """{"source", "generated"} per example (dicts with "source", or plain strings)."""
@@ -204,13 +205,13 @@ def encode_truncated(tokenizer, texts: list[str], max_len: int) -> list[list[int
 
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], batch_size: int, pad_id: int,
-                   **sampling) -> list[str]:
+                   progress: bool = False, **sampling) -> list[str]:
     """Generated text for each prompt (token ids), in the prompts' order.
 
     Prompts run in batches of similar length: for decoder-only models left-padded (every row ends
     where generation starts) and cut from the left to fit the context with max_new_tokens; for
     encoder-decoder models padded on the encoder side. Generation stops at the tokenizer's or the
-    model's EOS; the text is decoded without special tokens.
+    model's EOS; the text is decoded without special tokens. `progress` shows a bar over the batches.
     """
     encoder_decoder = getattr(model, "is_encoder_decoder", False)
     eos = _eos_ids(model, tokenizer)
@@ -218,7 +219,8 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], batch_size: int, 
     prompts = prompts if encoder_decoder else [_fit_context(model, p, sampling.get("max_new_tokens", 32))
                                                for p in prompts]
     out = [""] * len(prompts)
-    for rows in eval_rows([len(p) for p in prompts], batch_size):
+    batches = eval_rows([len(p) for p in prompts], batch_size)
+    for rows in tqdm(batches, desc="generate", unit="batch", leave=False, disable=not progress):
         ids, mask = pad_sequences([prompts[i] for i in rows], pad_id, left=not encoder_decoder)
         new = model.generate(ids.to(device), mask.to(device), eos_token_id=eos, pad_token_id=pad_id, **sampling)
         new = new[:, 1:] if encoder_decoder else new[:, ids.shape[1]:]  # T5: after the start token
