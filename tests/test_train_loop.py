@@ -169,3 +169,17 @@ def test_adalora_through_fit_reallocates_ranks_within_budget(tmp_path):
     ranks = allocator.ranks(model)
     assert len(ranks) == 8 and sum(ranks.values()) <= 2 * 8  # 2 layers x 4 targets, target_r 2 each
     assert len(set(ranks.values())) > 1, ranks
+
+
+def test_logged_loss_is_the_mean_since_the_last_line(tmp_path):
+    """With log_every=4 each line holds the mean of the four steps' losses (equal target counts here),
+    the same steps a log_every=1 run logs one by one."""
+    runs = {}
+    for every in (1, 4):
+        model, task = make()
+        runs[every] = Run(tmp_path / f"every{every}")
+        fit(model, task, TrainConfig(**{**CFG, "log_every": every, "eval_every": 0}), runs[every])
+    each, grouped = losses(runs[1]), losses(runs[4])
+    assert len(grouped) == 3
+    assert grouped == pytest.approx([np.mean(each[i:i + 4]) for i in (0, 4, 8)], rel=1e-5)
+    assert grouped[0] != pytest.approx(each[3], rel=1e-3)  # not just the last step's loss

@@ -50,6 +50,8 @@ class TrainConfig:
     """Validation batches per periodic evaluation; 0 = the whole validation split. The evaluation at
     the end of training always covers the whole split."""
     log_every: int = 10
+    """Log every this many steps: the training loss as the mean per target over the steps since the
+    last line (not one noisy step), the learning rate, the gradient norm and tokens/s."""
     save_every: int = 0
     """Checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
@@ -96,6 +98,7 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     autocast, scaler = _precision(cfg, d.device)
     timer, accum, elapsed_before = Timer(), cfg.grad_accum, state["elapsed"]
     count_targets = getattr(task, "targets", _targets)
+    window = [torch.zeros((), device=d.device), 0]  # summed loss and targets since the last log line
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not d.main, desc="train", unit="step",
                     dynamic_ncols=True)
     if cfg.eval_first and state["step"] == 0:
@@ -112,6 +115,7 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
                 penalty = allocator.regularization(unwrap(model)) / accum if allocator is not None else 0.0
             scaler.scale(micro_loss * (d.world / targets) + penalty).backward()  # DDP averages over processes
             loss_sum += micro_loss.detach().float()
+        window[0], window[1] = window[0] + loss_sum, window[1] + targets
         grad_norm = _clip(net, optimizer, scaler, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
@@ -124,7 +128,8 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
         timer.tokens += tokens
         progress.update()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            loss = all_reduce_sum([float(loss_sum)], d)[0] / targets
+            loss = all_reduce_sum([float(window[0])], d)[0] / window[1]  # mean per target since the last line
+            window = [torch.zeros((), device=d.device), 0]
             record = {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": timer.rate(),
                       "grad_norm": grad_norm, "tokens": state["tokens"], "elapsed_s": timer.elapsed}
             run.log(record)
