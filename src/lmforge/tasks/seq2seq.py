@@ -219,7 +219,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], batch_size: int, 
     prompts = prompts if encoder_decoder else [_fit_context(model, p, sampling.get("max_new_tokens", 32))
                                                for p in prompts]
     out = [""] * len(prompts)
-    batches = eval_rows([len(p) for p in prompts], batch_size)
+    batches = list(eval_rows([len(p) for p in prompts], batch_size))
     for rows in tqdm(batches, desc="generate", unit="batch", leave=False, disable=not progress):
         ids, mask = pad_sequences([prompts[i] for i in rows], pad_id, left=not encoder_decoder)
         new = model.generate(ids.to(device), mask.to(device), eos_token_id=eos, pad_token_id=pad_id, **sampling)
