@@ -75,6 +75,35 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed["params"]) + len(plain["params"]) == n_unique  # the tied embedding counted once
 
 
+def test_scaled_adamw_steps_each_tensor_by_its_rms():
+    """adamw-scale = AdamW with lr x RMS(tensor) per tensor (floored at 1e-3), weight decay on matrices
+    only; the learning rate the schedule set is left in place for the next step."""
+    torch.manual_seed(0)
+    big, small, gain = torch.randn(8, 4) * 2.0, torch.randn(6, 4) * 0.01, torch.zeros(4)
+    model = torch.nn.ParameterList([torch.nn.Parameter(t.clone()) for t in (big, small, gain)])
+    optimizer = build_optimizer(model, 0.1, 0.01, (0.9, 0.99), kind="adamw-scale")
+    for p in model:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in model]
+    optimizer.step()
+    for p, start, grad, decay in zip(model, (big, small, gain), grads, (0.01, 0.01, 0.0), strict=True):
+        reference = torch.nn.Parameter(start.clone())
+        reference.grad = grad
+        lr = 0.1 * max(1e-3, float(start.pow(2).mean().sqrt()))
+        torch.optim.AdamW([reference], lr=lr, betas=(0.9, 0.99), weight_decay=decay).step()
+        torch.testing.assert_close(p.data, reference.data)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.1, 0.1]
+    with pytest.raises(ValueError, match="adamw-scale"):
+        build_optimizer(model, 0.1, 0.01, (0.9, 0.99), kind="adam")
+
+
+def test_fit_learns_with_scaled_adamw(tmp_path):
+    model, task = make()
+    cfg = TrainConfig(**{**CFG, "max_steps": 40, "lr": 0.1, "min_lr": 0.01, "optimizer": "adamw-scale"})
+    state = fit(model, task, cfg, Run(tmp_path / "r"))
+    assert state["val_loss"] < math.log(20) - 1.0
+
+
 def test_gradient_accumulation_gives_the_same_steps(tmp_path):
     results = []
     for accum in (1, 2, 4):

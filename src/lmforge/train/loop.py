@@ -40,6 +40,9 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.1
+    optimizer: Literal["adamw", "adamw-scale"] = "adamw"
+    """adamw-scale: each tensor's step scaled by its RMS (`ScaledAdamW`), for T5 trained from scratch;
+    it wants a larger lr (~1e-2)."""
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -89,7 +92,7 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     torch.use_deterministic_algorithms(cfg.deterministic)
     model.to(d.device).train()
     net = wrap(model, d, cfg.distributed)  # before the optimizer: FSDP replaces the parameters by shards
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), kind=cfg.optimizer)
     state = {"step": 0, "tokens": 0, "best": None, "best_step": 0, "bad_evals": 0, "elapsed": 0.0}
     if resume_from is not None:
         state = load_checkpoint(resume_from, unwrap(model), optimizer)
