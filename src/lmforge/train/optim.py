@@ -41,7 +41,8 @@ class ScaledAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [group["params"][0] for group in self.param_groups]
-        rms = [float(n) / p.numel() ** 0.5 for n, p in zip(torch._foreach_norm(params), params, strict=True)]
+        norms = torch.stack([n.float() for n in torch._foreach_norm(params)]).tolist()  # one device sync
+        rms = [n / p.numel() ** 0.5 for n, p in zip(norms, params, strict=True)]
         base = [group["lr"] for group in self.param_groups]
         for group, r in zip(self.param_groups, rms, strict=True):
             group["lr"] = group["lr"] * max(1e-3, r)
