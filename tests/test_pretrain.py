@@ -169,3 +169,17 @@ def test_fsdp_checkpoints_resume_and_export(tmp_path):
     logits = {name: lmforge.load(tmp_path / name / "final")[0](ids) for name in ("straight", "fsdp", "one")}
     torch.testing.assert_close(logits["fsdp"], logits["straight"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(logits["one"], logits["straight"], rtol=1e-4, atol=1e-4)
+
+
+@needs_data
+def test_scaled_adamw_under_fsdp_matches_one_process(tmp_path):
+    """adamw-scale reads each tensor's RMS; under FSDP a process holds only shards, so the norms are
+    gathered first: two FSDP processes take the same steps as one process."""
+    gpt = str(ROOT / "configs/debug/clm-gpt-bpe.yaml")
+    common = ["train.max_steps=3", "train.optimizer=adamw-scale", "train.lr=1e-2", "train.log_every=1",
+              "train.eval_every=0"]
+    single = cli("pretrain", gpt, *run_dir_args(tmp_path, "run.name=one", *common))
+    torchrun("pretrain", gpt, *run_dir_args(tmp_path, "run.name=fsdp", *common, "train.distributed=fsdp"),
+             port=29520)
+    assert single.wait(timeout=300) == 0, single.stderr.read().decode()[-2000:]
+    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)

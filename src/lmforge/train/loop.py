@@ -101,7 +101,7 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
     autocast, scaler = _precision(cfg, d.device)
     timer, accum, elapsed_before = Timer(), cfg.grad_accum, state["elapsed"]
     count_targets = getattr(task, "targets", _targets)
-    window = [torch.zeros((), device=d.device), 0]  # summed loss and targets since the last log line
+    window_loss, window_targets = torch.zeros((), device=d.device), 0  # summed since the last log line
     progress = tqdm(total=cfg.max_steps, initial=state["step"], disable=not d.main, desc="train", unit="step",
                     dynamic_ncols=True)
     if cfg.eval_first and state["step"] == 0:
@@ -111,14 +111,13 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
         shares = d.world * accum  # the step's global batch, split over processes and micro-steps
         batches = [_to(task.train_batch(step, d.rank * accum + i, shares), d.device) for i in range(accum)]
         targets = all_reduce_sum([sum(count_targets(b) for b in batches)], d)[0]
-        loss_sum = torch.zeros((), device=d.device)
+        window_targets += targets
         for i, batch in enumerate(batches):
             with _no_sync(net, i < accum - 1), autocast:
                 micro_loss, _ = task.loss(net, batch)
                 penalty = allocator.regularization(unwrap(model)) / accum if allocator is not None else 0.0
             scaler.scale(micro_loss * (d.world / targets) + penalty).backward()  # DDP averages over processes
-            loss_sum += micro_loss.detach().float()
-        window[0], window[1] = window[0] + loss_sum, window[1] + targets
+            window_loss += micro_loss.detach().float()
         grad_norm = _clip(net, optimizer, scaler, cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
@@ -131,8 +130,8 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
         timer.tokens += tokens
         progress.update()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            loss = all_reduce_sum([float(window[0])], d)[0] / window[1]  # mean per target since the last line
-            window = [torch.zeros((), device=d.device), 0]
+            loss = all_reduce_sum([float(window_loss)], d)[0] / window_targets  # mean per target since the last line
+            window_loss, window_targets = window_loss.zero_(), 0
             record = {"step": step + 1, "loss": loss, "lr": lr, "tokens_per_s": timer.rate(),
                       "grad_norm": grad_norm, "tokens": state["tokens"], "elapsed_s": timer.elapsed}
             run.log(record)

@@ -41,8 +41,10 @@ class ScaledAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [group["params"][0] for group in self.param_groups]
-        norms = torch.stack([n.float() for n in torch._foreach_norm(params)]).tolist()  # one device sync
-        rms = [n / p.numel() ** 0.5 for n, p in zip(norms, params, strict=True)]
+        norms = torch.stack([n.float() for n in torch._foreach_norm(params)])
+        if hasattr(norms, "full_tensor"):  # FSDP: each process holds its shards' part of the norms
+            norms = norms.full_tensor()
+        rms = [n / p.numel() ** 0.5 for n, p in zip(norms.tolist(), params, strict=True)]  # one device sync
         base = [group["lr"] for group in self.param_groups]
         for group, r in zip(self.param_groups, rms, strict=True):
             group["lr"] = group["lr"] * max(1e-3, r)
