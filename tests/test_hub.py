@@ -79,6 +79,19 @@ def test_bare_encoder_gets_a_new_head(tmp_path):
     assert model(torch.randint(0, 100, (2, 6))).shape == (2, 3)
 
 
+@pytest.mark.parametrize("overrides", [{"dropout": 0.3}, {"hidden_dropout_prob": 0.3}])
+def test_config_overrides_take_our_names_or_transformers(tmp_path, overrides):
+    hub.save(tiny(bert, "bert-tiny"), tmp_path / "enc")
+    model = hub.load_model(tmp_path / "enc", **overrides)
+    assert model.config.dropout == 0.3 and model.config.attention_dropout == bert.PRESETS["bert-tiny"].attention_dropout
+
+
+def test_unknown_config_override_is_named(tmp_path):
+    hub.save(tiny(bert, "bert-tiny"), tmp_path / "enc")
+    with pytest.raises(lmforge.config.ConfigError, match="unknown field 'drop_out'.*hidden_dropout_prob.*dropout"):
+        hub.load_model(tmp_path / "enc", drop_out=0.3)
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: None, "no such file"),
     (lambda p: p.mkdir(), "no config.json"),

@@ -52,7 +52,8 @@ class ModelConfig:
     random_init: bool = False
     """Keep the checkpoint's architecture but start from random weights (what pretraining buys)."""
     overrides: dict = field(default_factory=dict)
-    """config.json fields to change, e.g. {hidden_dropout_prob: 0.2} (transformers' names)."""
+    """Config fields to change, by transformers' config.json name or ours: {hidden_dropout_prob: 0.2}
+    and {dropout: 0.2} are the same; an unknown name is an error."""
 
 
 @dataclass
@@ -263,7 +264,7 @@ def load_tokenizer_for(cfg: FinetuneConfig, folder: Path):
 def build_model(cfg: FinetuneConfig, task, tokenizer):
     """The model with the task's head: from the checkpoint (pretrained or re-initialised) or a preset."""
     from .models import all_presets, family
-    from .models.hub import load_model, read_config, resolve
+    from .models.hub import load_model, read_config, resolve, with_overrides
 
     overrides = {**head_overrides(task), **cfg.model.overrides}
     if cfg.model.preset:
@@ -271,14 +272,14 @@ def build_model(cfg: FinetuneConfig, task, tokenizer):
         if cfg.model.preset not in presets:
             raise ConfigError(f"model.preset {cfg.model.preset!r} is unknown; choose one of: {', '.join(presets)}")
         module, preset = presets[cfg.model.preset]
-        hf = {**preset.to_hf(), "vocab_size": pretrain.padded_vocab_size(tokenizer), **_special_ids(tokenizer), **overrides}
-        return _fresh(module, cfg.task.kind, hf)
+        hf = {**preset.to_hf(), "vocab_size": pretrain.padded_vocab_size(tokenizer), **_special_ids(tokenizer)}
+        return _fresh(module, cfg.task.kind, with_overrides(module, hf, overrides))
     path = resolve(cfg.model.path)
     model_type = "llama" if path.suffix == ".gguf" else read_config(path).get("model_type", "?")
     arch = _architecture(cfg.task.kind, model_type)
     if cfg.model.random_init:
-        hf = {**read_config(path), **overrides}
-        return _fresh(family(model_type), cfg.task.kind, hf)
+        module = family(model_type)
+        return _fresh(module, cfg.task.kind, with_overrides(module, read_config(path), overrides))
     return load_model(path, architecture=arch, **overrides)
 
 

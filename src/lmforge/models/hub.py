@@ -8,6 +8,7 @@ fp32), and the packaged offline models by alias; we write folders `transformers`
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import ConfigError
 from ..tokenizer import Tokenizer
 from . import family
 
@@ -118,13 +120,15 @@ def load_model(path: str | os.PathLike, architecture: str | None = None, dtype: 
     Args:
         architecture: a transformers class name such as "BertForSequenceClassification" to put a
             new head on a bare checkpoint; default: the checkpoint's own.
-        overrides: config.json fields to change (e.g. num_labels=3).
+        overrides: config fields to change, by their config.json name (num_labels=3) or ours
+            (dropout=0.0); see `with_overrides`.
     """
     path = resolve(path)
     if path.suffix == ".gguf":
         return load_gguf(path, architecture, **overrides)[0].to(device=device, dtype=dtype)
-    hf = {**_generation_defaults(path, read_config(path)), **overrides}
+    hf = _generation_defaults(path, read_config(path))
     module = family(hf.get("model_type", "?"))
+    hf = with_overrides(module, hf, overrides)
     arch = _architecture(module, hf, architecture)
     config = module_config(module).from_hf(hf)
     state = module.from_hf_state_dict(read_weights(path), config)
@@ -154,6 +158,31 @@ def module_config(module):
     """The config dataclass of a family module (the class whose name ends in `Config`)."""
     return next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type)
                 and v.__module__ == module.__name__)
+
+
+HEAD_FIELDS = {"num_labels", "id2label", "label2id", "problem_type"}  # any transformers config has them
+
+
+HEAD_FIELDS = {"num_labels", "id2label", "label2id", "problem_type"}  # any transformers config has them
+
+
+def with_overrides(module, hf: dict, overrides: dict) -> dict:
+    """A config.json dict with `overrides` applied. Keys are transformers' names (hidden_dropout_prob,
+    num_labels) or our config's field names (dropout); any other key raises, naming both sets."""
+    config_cls = module_config(module)
+    ours = {f.name for f in dataclasses.fields(config_cls)}
+    modelling = set(config_cls.from_hf(hf).to_hf())
+    theirs = set(hf) | modelling | HEAD_FIELDS
+    unknown = sorted(set(overrides) - ours - theirs)
+    if unknown:
+        raise ConfigError(f"model.overrides: unknown field {unknown[0]!r} for a {hf.get('model_type')} model; "
+                          f"use a config.json name ({', '.join(sorted(modelling))}) or an lmforge one "
+                          f"({', '.join(sorted(ours))})")
+    hf = {**hf, **{k: v for k, v in overrides.items() if k in theirs}}
+    mine = {k: v for k, v in overrides.items() if k not in theirs}
+    if mine:
+        hf = {**hf, **dataclasses.replace(config_cls.from_hf(hf), **mine).to_hf()}
+    return hf
 
 
 def _load_state(model: nn.Module, state: dict, path: Path, same_head: bool, assign: bool = False) -> None:
