@@ -192,6 +192,8 @@ def test_a_new_head_on_gguf_weights(files):
     assert logits(model).shape == (2, 3)
     with pytest.raises(hub.CheckpointError, match="not a Llama one"):
         hub.load_model(path, architecture="BertForSequenceClassification")
+    with pytest.raises(ValueError, match="unknown field 'num_label'"):
+        hub.load_model(path, architecture="LlamaForSequenceClassification", num_label=3)
 
 
 def test_info_describes_a_gguf_file(files, capsys):

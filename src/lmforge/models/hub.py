@@ -288,7 +288,7 @@ def read_gguf_fields(reader) -> dict:
 def load_gguf(path: str | os.PathLike, architecture: str | None = None, **overrides):
     """Import a Llama-family GGUF file: (LlamaForCausalLM in fp32, Tokenizer). `architecture` (e.g.
     "LlamaForSequenceClassification") puts another head on the weights; `overrides` change config
-    fields in transformers' names (e.g. num_labels=3)."""
+    fields as in `with_overrides` (e.g. num_labels=3)."""
     import gguf
 
     path = Path(path)
@@ -306,7 +306,7 @@ def load_gguf(path: str | os.PathLike, architecture: str | None = None, **overri
         raise CheckpointError(f"{path}: architecture {arch!r} is not a Llama one; choose from "
                               f"{', '.join(llama.ARCHITECTURES)}")
     if overrides:
-        config = llama.LlamaConfig.from_hf({**config.to_hf(), **overrides})
+        config = llama.LlamaConfig.from_hf(with_overrides(llama, config.to_hf(), overrides))
     if config.tie_embeddings and arch == "LlamaForCausalLM":
         state["lm_head.weight"] = state["model.embed.weight"]
     model = build_with_weights(llama.ARCHITECTURES[arch], config, state, path, same_head=arch == "LlamaForCausalLM")
