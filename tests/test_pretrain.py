@@ -16,7 +16,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.models import all_presets
-from lmforge.pretrain import PretrainConfig, _check_objective
+from lmforge.pretrain import PretrainConfig, _check_objective, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LMFORGE_DATA", ROOT.parent / "shared/data"))
@@ -44,6 +44,23 @@ def metrics(folder: Path) -> list[dict]:
 
 def train_losses(folder: Path) -> list[float]:
     return [r["loss"] for r in metrics(folder) if "loss" in r]
+
+
+class _Tokenizer:  # what build_model reads from a tokenizer
+    bos_id, eos_id, pad_id = None, 1, 0
+
+    def __len__(self):
+        return 300
+
+
+@pytest.mark.parametrize("overrides", ["{dropout: 0.3}", "{hidden_dropout_prob: 0.3}"])
+def test_preset_overrides_take_our_names_or_transformers(overrides):
+    cfg = load_config(PretrainConfig, None, ["model.preset=bert-tiny", "task.objective=mlm", f"model.overrides={overrides}"])
+    config = build_model(cfg, _Tokenizer()).config
+    assert (config.dropout, config.vocab_size, config.pad_token_id) == (0.3, 320, 0)
+    with pytest.raises(ValueError, match="unknown field 'drop_out'"):
+        build_model(load_config(PretrainConfig, None, ["model.preset=bert-tiny", "task.objective=mlm", "model.overrides={drop_out: 0.3}"]),
+                    _Tokenizer())
 
 
 @needs_data

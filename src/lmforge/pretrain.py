@@ -168,8 +168,8 @@ def _text_files(inputs: list[str]) -> list[Path]:
 
 def build_model(cfg: PretrainConfig, tokenizer):
     """A fresh model from a preset (vocab from the tokenizer, context >= seq_len), or a checkpoint."""
-    from .models import all_presets, family
-    from .models.hub import load_model
+    from .models import all_presets
+    from .models.hub import load_model, with_overrides
 
     if cfg.model.init_from:
         model = load_model(cfg.model.init_from, **cfg.model.overrides)
@@ -179,20 +179,15 @@ def build_model(cfg: PretrainConfig, tokenizer):
     if cfg.model.preset not in presets:
         raise ConfigError(f"model.preset {cfg.model.preset!r} is unknown; choose one of: {', '.join(presets)} "
                           "(or set model.init_from)")
-    _, preset = presets[cfg.model.preset]
+    module, preset = presets[cfg.model.preset]
     model_type = preset.to_hf()["model_type"]
     arch = _check_objective(cfg.task.objective, model_type)
-    fields = {f.name for f in dataclasses.fields(preset)}
-    changes = {"vocab_size": padded_vocab_size(tokenizer, cfg.task.objective), **cfg.model.overrides}
+    config = type(preset).from_hf(with_overrides(module, preset.to_hf(), cfg.model.overrides))
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes = {"vocab_size": padded_vocab_size(tokenizer, cfg.task.objective), **_special_ids(tokenizer, fields)}
     if "max_len" in fields:
-        changes["max_len"] = max(changes.get("max_len", preset.max_len), cfg.task.seq_len)
-    unknown = sorted(set(changes) - fields)
-    if unknown:
-        raise ConfigError(f"model.overrides: unknown field {unknown[0]!r} for {cfg.model.preset}; "
-                          f"fields: {', '.join(sorted(fields))}")
-    changes.update(_special_ids(tokenizer, fields))
-    config = dataclasses.replace(preset, **changes)
-    return family(model_type).ARCHITECTURES[arch](config)
+        changes["max_len"] = max(config.max_len, cfg.task.seq_len)
+    return module.ARCHITECTURES[arch](dataclasses.replace(config, **changes))
 
 
 def _check_objective(objective: str, model_type: str) -> str:

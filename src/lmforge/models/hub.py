@@ -163,9 +163,6 @@ def module_config(module):
 HEAD_FIELDS = {"num_labels", "id2label", "label2id", "problem_type"}  # any transformers config has them
 
 
-HEAD_FIELDS = {"num_labels", "id2label", "label2id", "problem_type"}  # any transformers config has them
-
-
 def with_overrides(module, hf: dict, overrides: dict) -> dict:
     """A config.json dict with `overrides` applied. Keys are transformers' names (hidden_dropout_prob,
     num_labels) or our config's field names (dropout); any other key raises, naming both sets."""
