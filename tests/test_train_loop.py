@@ -115,6 +115,17 @@ def test_gradient_accumulation_gives_the_same_steps(tmp_path):
         np.testing.assert_allclose(other, results[0], rtol=1e-5)
 
 
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path):
+    results = []
+    for on in (False, True):
+        model, task = make()
+        run = Run(tmp_path / f"c{on}")
+        fit(model, task, TrainConfig(**{**CFG, "max_steps": 5, "gradient_checkpointing": on, "eval_every": 0}), run)
+        results.append(losses(run))
+        assert getattr(model.model, "recompute", False) is on  # switched on only when asked
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6)
+
+
 class Crash(Exception):
     pass
 

@@ -34,6 +34,7 @@ from torch import nn
 from .attention import Attention, build_mask
 from .dropout import Dropout
 from .linear import Linear, linear
+from .recompute import call_layer
 from .statedict import rename
 
 ACTIVATIONS = {  # transformers' `hidden_act` names
@@ -241,7 +242,7 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, position_ids)
         mask, _ = build_mask(attention_mask, T, causal=False)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, prefix[i] if prefix is not None else None)
+            x = call_layer(self, layer, x, mask, prefix[i] if prefix is not None else None)
         return x
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .attention import Attention, KVCache, build_mask, check_context, positions
 from .decoder import DecoderLM
 from .dropout import Dropout
 from .linear import Linear
+from .recompute import call_layer
 from .statedict import rename
 
 # transformers' `activation_function` names; "gelu_new" (GELU, tanh approximation) is GPT-2's
@@ -175,8 +176,8 @@ class GPT(nn.Module):
         x = self.dropout(self.embed(input_ids) + self.pos_embed(position_ids))  # (B, T, C)
         mask, is_causal = build_mask(attention_mask, T, causal=True, past_len=past)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, is_causal, cache.layers[i] if cache is not None else None,
-                      prefix[i] if prefix is not None else None)
+            x = call_layer(self, layer, x, mask, is_causal, cache.layers[i] if cache is not None else None,
+                           prefix[i] if prefix is not None else None)
         return self.norm(x)
 
 

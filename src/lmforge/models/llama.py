@@ -19,6 +19,7 @@ from .attention import Attention, KVCache, build_mask, check_context, positions,
 from .decoder import DecoderLM
 from .gpt import last_token_index
 from .linear import Linear
+from .recompute import call_layer
 from .statedict import rename
 
 
@@ -172,8 +173,8 @@ class Llama(nn.Module):
         rope = self.rope(position_ids, x.dtype)
         mask, is_causal = build_mask(attention_mask, T, causal=True, past_len=past)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, is_causal, rope, cache.layers[i] if cache is not None else None,
-                      prefix[i] if prefix is not None else None)
+            x = call_layer(self, layer, x, mask, is_causal, rope, cache.layers[i] if cache is not None else None,
+                           prefix[i] if prefix is not None else None)
         return self.norm(x)
 
 

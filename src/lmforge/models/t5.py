@@ -24,6 +24,7 @@ from ..generate import Generates
 from .attention import Attention, KVCache, build_mask
 from .dropout import Dropout
 from .linear import Linear
+from .recompute import call_layer
 from .statedict import rename
 
 
@@ -241,7 +242,7 @@ class Stack(nn.Module):
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             layer_cache, static = (cache.layers[i], cache.cross[i]) if cache is not None else (None, None)
-            x = layer(x, mask, layer_cache, context, cross_mask, static)
+            x = call_layer(self, layer, x, mask, layer_cache, context, cross_mask, static)
         return self.dropout(self.norm(x))
 
     def self_attention_mask(self, attention_mask, T: int, past: int, dtype) -> torch.Tensor:
