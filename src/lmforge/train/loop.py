@@ -26,6 +26,7 @@ from ..models import recompute
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from .distributed import Dist, all_reduce_max, all_reduce_sum, barrier, sharded, unwrap, wrap
 from .logging import Run, Timer
+from .memory import release_free_memory
 from .optim import build_optimizer, lr_at, set_lr
 
 
@@ -143,6 +144,7 @@ def fit(model, task, cfg: TrainConfig, run: Run, d: Dist | None = None, allocato
             run.log(record)
             state["loss"] = loss
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            release_free_memory()  # changing batch shapes leave freed memory in the CPU heap
         last = step + 1 == cfg.max_steps
         evaluate_now = last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if evaluate_now and _evaluate_and_check(model, task, cfg, run, d, state, step + 1, autocast):
