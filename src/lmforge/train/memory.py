@@ -3,7 +3,7 @@
 When tensor shapes change from batch to batch (dynamic padding, a varying number of masked tokens,
 generation), glibc's malloc keeps the freed blocks in its heap and the process grows although its
 live tensors do not: a bert-mini masked-LM run reached 3.3 GB, and 800 steps of bert-tiny 2.4 GB
-where 0.7 GB are in use. `malloc_trim` returns the free pages. It takes ~30 ms on such a heap, so
+where 0.8 GB are in use. `malloc_trim` returns the free pages. It takes ~30 ms on such a heap, so
 the training loop calls it (at a log line) at most every `interval` seconds. Measured on 300 steps of
 bert-tiny MLM, trimming every ~2 s: peak RSS 1.1 GB instead of 2.0 GB, wall time 55 s vs 58 s.
 (A fixed `M_MMAP_THRESHOLD` keeps the heap small too, but its page faults doubled the step time.)
