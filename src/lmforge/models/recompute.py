@@ -16,17 +16,16 @@ from torch.utils.checkpoint import checkpoint
 
 def call_layer(stack: nn.Module, layer: nn.Module, *args):
     """`layer(*args)`, recomputed in backward when `stack` trains with recomputation enabled."""
-    if getattr(stack, "recompute", False) and stack.training and torch.is_grad_enabled():
+    if stack.training and getattr(stack, "recompute", False) and torch.is_grad_enabled():  # eval: no lookup
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
 
 
-def enable(model: nn.Module, on: bool = True) -> int:
-    """Turn recomputation on (or off) for every layer stack in `model`; returns how many stacks."""
+def enable(model: nn.Module, on: bool = True) -> None:
+    """Turn recomputation on (or off) for every layer stack in `model`."""
     stacks = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)]
     if not stacks:
         raise ValueError(f"{type(model).__name__} has no layer stack to checkpoint; "
                          "set train.gradient_checkpointing=false")
     for stack in stacks:
         stack.recompute = on
-    return len(stacks)
