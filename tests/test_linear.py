@@ -6,7 +6,22 @@ import torch.nn.functional as F
 
 from lmforge.models import linear as L
 
-pytestmark = pytest.mark.skipif(not L.ENABLED, reason="oneDNN is not available in this PyTorch build")
+pytestmark = pytest.mark.skipif(not L.AVAILABLE, reason="oneDNN is not available in this PyTorch build")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    """The path under test, whatever this CPU's default is (it is off with AVX2 only)."""
+    monkeypatch.setattr(L, "ENABLED", True)
+
+
+def test_default_follows_the_cpu_and_the_environment(monkeypatch):
+    for capability, expected in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert L._wanted(None) is expected and L._wanted("") is expected
+        assert L._wanted("1") is True and L._wanted("0") is False
+    with pytest.raises(ValueError, match="LMFORGE_ONEDNN='yes'.*1 \\(on\\), 0 \\(off\\)"):
+        L._wanted("yes")
 
 
 @pytest.mark.parametrize("bias", [True, False])
