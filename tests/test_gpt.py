@@ -1,13 +1,13 @@
 """GPT-2 family: parity with transformers, weight conversion both ways, KV cache, padding, generation."""
 
 import copy
-import dataclasses
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from lmforge.models import gpt
+from lmforge.models import gpt, hub
 
 tf = pytest.importorskip("transformers")
 
@@ -113,6 +113,25 @@ def test_model_without_biases_exports_zero_biases_to_hf(cls):
     hf.tie_weights()
     ids = torch.randint(3, V, (2, 12))
     torch.testing.assert_close(ours(ids), hf(ids).logits)
+
+
+def test_model_without_biases_saves_and_loads_without_biases(tmp_path):
+    """config.json says `"bias": false`: lmforge reloads the model bias-free (nothing new to train),
+    transformers ignores the key and reads the zero biases; both give the same logits."""
+    torch.manual_seed(0)
+    cfg = gpt.GPTConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, max_len=64, bias=False, act="gelu")
+    ours = gpt.GPTForCausalLM(cfg).eval()
+    hub.save(ours, tmp_path / "m")
+    loaded = hub.load_model(tmp_path / "m")
+    assert loaded.config == cfg and not any(n.endswith("bias") for n, _ in loaded.named_parameters())
+    ids = torch.randint(3, V, (2, 12))
+    torch.testing.assert_close(loaded(ids), ours(ids))
+    torch.testing.assert_close(tf.GPT2LMHeadModel.from_pretrained(tmp_path / "m")(ids).logits, ours(ids))
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    state["transformer.h.0.ln_1.bias"] += 0.5  # not a bias-free model after all
+    save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(hub.CheckpointError, match="unexpected.*layers.0.attn_norm.bias"):
+        hub.load_model(tmp_path / "m")
 
 
 def test_bare_gpt2model_checkpoint_loads_into_every_model(pair):
@@ -259,7 +278,7 @@ def test_init_scales_residual_projections():
 @pytest.mark.parametrize("name", list(gpt.PRESETS))
 def test_presets_build(name):
     cfg = gpt.PRESETS[name]
-    assert gpt.GPTConfig.from_hf(cfg.to_hf()) == dataclasses.replace(cfg, bias=True)  # exported: zero biases
+    assert gpt.GPTConfig.from_hf(cfg.to_hf()) == cfg
     with torch.device("meta"):  # no memory, no init time: only shapes
         model = gpt.GPTForCausalLM(cfg)
     assert model.lm_head.weight.shape == (cfg.vocab_size, cfg.dim)

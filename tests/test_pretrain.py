@@ -63,6 +63,13 @@ def test_preset_overrides_take_our_names_or_transformers(overrides):
                     _Tokenizer())
 
 
+def test_preset_override_without_a_config_json_name_applies():
+    """GPT-2's `bias` has no transformers field; it used to be lost on the way through config.json."""
+    cfg = load_config(PretrainConfig, None, ["model.preset=gpt-tiny", "task.objective=clm", "model.overrides={bias: false}"])
+    model = build_model(cfg, _Tokenizer())
+    assert model.config.bias is False and not any(n.endswith("bias") for n, _ in model.named_parameters())
+
+
 @needs_data
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/debug").glob("*.yaml")), ids=lambda p: p.stem)
 def test_debug_recipe_runs_and_exports(tmp_path, monkeypatch, path):

@@ -60,7 +60,8 @@ class GPTConfig:
     @classmethod
     def from_hf(cls, hf: dict) -> GPTConfig:
         """Read a transformers `config.json` dict (model_type gpt2). `embd_pdrop` is taken equal to
-        `resid_pdrop` (one `dropout` here)."""
+        `resid_pdrop` (one `dropout` here); `"bias": false` (ours, which transformers ignores) marks
+        a model without biases."""
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
             raise ValueError("GPT-2 attention without the 1/sqrt(head_dim) scale or with per-layer scaling "
                              "is not supported; set scale_attn_weights=true and "
@@ -74,12 +75,13 @@ class GPTConfig:
             attention_dropout=hf.get("attn_pdrop", 0.1), act=hf.get("activation_function", "gelu_new"),
             init_std=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
-            tie_embeddings=hf.get("tie_word_embeddings", True),
+            tie_embeddings=hf.get("tie_word_embeddings", True), bias=hf.get("bias", True),
             num_labels=hf.get("num_labels") or len(hf.get("id2label") or {}) or 2)
 
     def to_hf(self) -> dict:
-        """A transformers `config.json` dict."""
-        return {
+        """A transformers `config.json` dict; a model without biases adds `"bias": false`, so that it
+        loads here without them again (its weights carry zero biases for transformers)."""
+        return {**({} if self.bias else {"bias": False}),
             "model_type": "gpt2", "vocab_size": self.vocab_size, "n_embd": self.dim, "n_layer": self.n_layers,
             "n_head": self.n_heads, "n_inner": self.hidden_dim, "n_positions": self.max_len,
             "layer_norm_epsilon": self.norm_eps, "resid_pdrop": self.dropout, "embd_pdrop": self.dropout,
@@ -275,7 +277,18 @@ def from_hf_state_dict(state: dict, config: GPTConfig) -> dict:
                 out[key.replace("c_attn", name)] = part.t().contiguous() if part.ndim == 2 else part
         else:
             out[key] = value.t().contiguous() if _is_conv1d(key) else value
-    return out
+    return out if config.bias else _without_zero_biases(out)
+
+
+def _without_zero_biases(state: dict) -> dict:
+    """Drop the zero biases that `to_hf_state_dict` writes for a model without biases; a non-zero one
+    stays, and loading then stops on it as an unexpected weight."""
+    return {k: v for k, v in state.items() if not (_block_or_norm_bias(k) and not v.any())}
+
+
+def _block_or_norm_bias(key: str) -> bool:
+    names = key.split(".")
+    return names[-1] == "bias" and ("layers" in names or names[-2] == "norm")
 
 
 def to_hf_state_dict(state: dict, config: GPTConfig) -> dict:
@@ -300,7 +313,6 @@ def _with_zero_biases(state: dict) -> dict:
     """Add a zero `.bias` beside every LayerNorm and Linear weight of the blocks and the final norm."""
     out = dict(state)
     for key, value in state.items():
-        names = key.split(".")
-        if names[-1] == "weight" and ("layers" in names or names[-2] == "norm"):
+        if key.endswith(".weight") and _block_or_norm_bias(key.removesuffix("weight") + "bias"):
             out.setdefault(key.removesuffix("weight") + "bias", value.new_zeros(value.shape[0]))
     return out
