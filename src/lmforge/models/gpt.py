@@ -315,6 +315,7 @@ def _with_zero_biases(state: dict) -> dict:
     """Add a zero `.bias` beside every LayerNorm and Linear weight of the blocks and the final norm."""
     out = dict(state)
     for key, value in state.items():
-        if key.endswith(".weight") and _block_or_norm_bias(key.removesuffix("weight") + "bias"):
-            out.setdefault(key.removesuffix("weight") + "bias", value.new_zeros(value.shape[0]))
+        bias = key.removesuffix("weight") + "bias"
+        if key.endswith(".weight") and _block_or_norm_bias(bias):
+            out.setdefault(bias, value.new_zeros(value.shape[0]))
     return out
