@@ -16,6 +16,8 @@ from torch import nn
 from .dropout import dropout
 from .linear import Linear
 
+ATTENTION_BLOCK = 64  # query rows per block of causal attention with dropout (64 measured best at T = 256)
+
 
 class LayerCache:
     """Key/value buffers of one attention layer, preallocated for `max_len` positions.
@@ -187,17 +189,21 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).flatten(2))  # (B, T, H*D) -> (B, T, C)
 
     def _attend_with_dropout(self, q, k, v, mask, is_causal):
-        """Attention with dropout on the probabilities, spelled out (SDPA falls back to the same
-        steps when dropout is on, with a slower mask)."""
+        """Attention with dropout on the probabilities, spelled out (SDPA's CPU kernels have no dropout
+        and fall back to these steps). Causal attention runs in blocks of query rows, each against
+        only the keys it may see: about half the work at T = 256, and each block's scores stay in the
+        CPU cache through the softmax and the dropout (GPT-2 benchmark shape: 87 -> 57 ms a layer)."""
         if self.n_kv_heads != self.n_heads:
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
-        scores = (q * (self.scale or q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)  # (B, H, T, S); scaling q is cheaper
-        if is_causal:
-            T, S = scores.shape[-2:]
-            scores.masked_fill_(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        elif mask is not None:  # in place: the product's backward does not need its output
-            scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
-        return dropout(scores.softmax(-1), self.dropout) @ v
+        q = q * (self.scale or q.shape[-1] ** -0.5)  # scaling q is cheaper than scaling the scores
+        if not is_causal:
+            return _attend(q, k, v, mask, self.dropout)
+        T, blocks = q.shape[2], []
+        for start in range(0, T, ATTENTION_BLOCK):
+            end = min(start + ATTENTION_BLOCK, T)  # queries start..end-1 see keys 0..end-1
+            allowed = _causal_block(start, end, q.device)
+            blocks.append(_attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end], allowed, self.dropout))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # (B, H, T, D)
 
     def _keys_values(self, x, context, static):
         if static is not None and static.kv is not None:
@@ -207,6 +213,23 @@ class Attention(nn.Module):
         if static is not None:
             static.kv = kv
         return kv
+
+
+def _attend(q, k, v, mask, p: float) -> torch.Tensor:
+    """dropout(softmax(q @ k.T + mask), p) @ v for (B, H, T, D) q and (B, H, S, D) k, v; q is already
+    scaled. mask: None, bool (True = may attend) or additive float, broadcastable to (B, H, T, S)."""
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+    if mask is not None:  # added in place: the product's backward does not need its output, and an
+        # addition, unlike masked_fill, has no backward pass of its own over the scores
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, float("-inf"))
+        scores.add_(mask)
+    return dropout(scores.softmax(-1), p) @ v
+
+
+def _causal_block(start: int, end: int, device) -> torch.Tensor:
+    """Which keys 0..end-1 the queries start..end-1 may see: (end - start, end) bool, True = may attend."""
+    return torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)
 
 
 def _prepend_prefix(prefix, k, v, mask, is_causal, q_len):
