@@ -39,9 +39,12 @@ def _chunk_loss_and_grads(h, y, weight, grad_h_out, grad_weight) -> torch.Tensor
     logits = matmul_t(h, weight).float()  # (n, V)
     valid = y != -100
     target = y.clamp(min=0)
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    loss = ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+    target_logits = logits.gather(1, target[:, None])[:, 0]  # (n,)
+    top = logits.amax(-1, keepdim=True)  # (n, 1)
+    probs = logits.sub_(top).exp_()  # in place, and exp taken once: softmax's numerators
+    total = probs.sum(-1, keepdim=True)
+    loss = ((top[:, 0] + total[:, 0].log() - target_logits) * valid).sum()  # log-sum-exp - target logit
+    probs.div_(total)
     probs[torch.arange(len(y), device=y.device), target] -= 1.0
     probs.mul_(valid[:, None])  # ignored targets (-100) get no gradient
     probs = probs.to(h.dtype)
