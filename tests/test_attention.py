@@ -67,19 +67,24 @@ def test_attention_dropout_zeroes_probabilities_at_rate_p(monkeypatch):
 
 
 def test_large_masks_are_drawn_in_parallel_and_follow_the_seed(two_threads, monkeypatch):
-    shape = (PARALLEL_MIN // 100, 200)  # 2 x PARALLEL_MIN elements: drawn in two parts
+    shape = (PARALLEL_MIN // 100, 200)  # 2 x PARALLEL_MIN elements: drawn in parts
     torch.manual_seed(3)
     a = uniform(shape, torch.float32, "cpu")
     torch.manual_seed(3)
     assert torch.equal(a, uniform(shape, torch.float32, "cpu"))
     assert not torch.equal(a, uniform(shape, torch.float32, "cpu"))
-    for half in a.view(-1).chunk(2):  # both parts filled, uniformly
-        assert 0 <= half.min() and half.max() < 1 and abs(float(half.mean()) - 0.5) < 0.01
-    calls = []
-    monkeypatch.setattr(dropout_module, "_threads", lambda n: calls.append(n) or dropout_module.ThreadPoolExecutor(n))
+    for part in a.view(-1).chunk(dropout_module.PARTS):  # every part filled, uniformly
+        assert 0 <= part.min() and part.max() < 1 and abs(float(part.mean()) - 0.5) < 0.01
+    torch.set_num_threads(1)  # the same masks whatever the thread count
+    torch.manual_seed(3)
+    assert torch.equal(a, uniform(shape, torch.float32, "cpu"))
+    torch.set_num_threads(2)
+    pools = []
+    real = dropout_module._threads
+    monkeypatch.setattr(dropout_module, "_threads", lambda n, pid: pools.append(n) or real(n, pid))
     uniform(shape, torch.float32, "cpu")
     uniform((PARALLEL_MIN // 2,), torch.float32, "cpu")  # small: one thread, no pool
-    assert calls == [1]
+    assert pools == [1]
 
 
 def test_parallel_masks_replay_under_gradient_checkpointing(two_threads):

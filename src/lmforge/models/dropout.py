@@ -7,21 +7,23 @@ Same distribution as `nn.Dropout`: each element is zeroed with probability p, th
 The mask is made in place in the floats drawn (0 or 1/(1-p)): one multiplication applies it, with no
 boolean-to-float conversion pass.
 
-PyTorch's CPU generator draws on one core (~3.5 ns per float), so a large mask is drawn in parts,
-one per thread, each part by its own generator seeded from the default one. The masks are
-therefore fixed by `torch.manual_seed` and replay from saved RNG states (resumed runs, gradient
-checkpointing) whatever the thread timing.
+PyTorch's CPU generator draws on one core (~3.5 ns per float), so a large mask is drawn in four
+parts, shared out among the threads, each part by its own generator seeded from the default one.
+The masks are therefore fixed by `torch.manual_seed`, whatever the thread count or timing, and
+replay from saved RNG states (resumed runs, gradient checkpointing).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 PARALLEL_MIN = 1 << 18  # elements: below ~1 ms of drawing, one thread is as fast
-_pool: ThreadPoolExecutor | None = None
+PARTS = 4  # a large mask is always drawn in 4 parts, so it depends on the seed, not on the thread count
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -35,26 +37,30 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 def uniform(shape, dtype, device) -> torch.Tensor:
-    """`torch.rand(shape)`; large CPU tensors are filled in parts by parallel threads (module docstring)."""
+    """`torch.rand(shape)`; a large CPU tensor is drawn in PARTS parts by parallel threads (module docstring)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    parts = torch.get_num_threads()
-    if out.device.type != "cpu" or parts < 2 or out.numel() < PARALLEL_MIN:
+    if out.device.type != "cpu" or out.numel() < PARALLEL_MIN:
         return out.uniform_()
-    seeds = torch.randint(2**62, (parts,)).tolist()  # from the default generator
-    chunks = out.view(-1).chunk(parts)
-    fill = lambda chunk, seed: chunk.uniform_(generator=torch.Generator().manual_seed(seed))
-    others = [_threads(parts - 1).submit(fill, c, s) for c, s in zip(chunks[1:], seeds[1:])]
-    fill(chunks[0], seeds[0])  # while the other threads fill theirs: ATen calls release the GIL
+    seeds = torch.randint(2**62, (PARTS,)).tolist()  # from the default generator
+    parts = list(zip(out.view(-1).chunk(PARTS), seeds))
+    workers = min(torch.get_num_threads(), PARTS)
+    groups = [parts[i::workers] for i in range(workers)]  # the parts, not the masks, depend on the threads
+    others = [_threads(workers - 1, os.getpid()).submit(_fill, group) for group in groups[1:]]
+    _fill(groups[0])  # while the other threads fill theirs: ATen calls release the GIL
     for job in others:
         job.result()
     return out
 
 
-def _threads(n: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers < n:
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lmforge-dropout")
-    return _pool
+def _fill(parts) -> None:
+    for chunk, seed in parts:
+        chunk.uniform_(generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def _threads(n: int, pid: int) -> ThreadPoolExecutor:
+    """A pool of n threads, one per process (a forked child gets its own: the parent's threads are gone)."""
+    return ThreadPoolExecutor(max_workers=max(n, 1), thread_name_prefix="lmforge-dropout")
 
 
 class Dropout(nn.Module):
