@@ -192,7 +192,8 @@ class Attention(nn.Module):
         """Attention with dropout on the probabilities, spelled out (SDPA's CPU kernels have no dropout
         and fall back to these steps). Causal attention runs in blocks of query rows, each against
         only the keys it may see: about half the work at T = 256, and each block's scores stay in the
-        CPU cache through the softmax and the dropout (GPT-2 benchmark shape: 87 -> 57 ms a layer)."""
+        CPU cache through the softmax and the dropout (GPT-2 benchmark shape: 87 -> 57 ms a layer, forward
+        and backward of the attention itself)."""
         if self.n_kv_heads != self.n_heads:
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         q = q * (self.scale or q.shape[-1] ** -0.5)  # scaling q is cheaper than scaling the scores
@@ -201,8 +202,8 @@ class Attention(nn.Module):
         T, blocks = q.shape[2], []
         for start in range(0, T, ATTENTION_BLOCK):
             end = min(start + ATTENTION_BLOCK, T)  # queries start..end-1 see keys 0..end-1
-            allowed = _causal_block(start, end, q.device)
-            blocks.append(_attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end], allowed, self.dropout))
+            mask = _causal_block(start, end, q.dtype, q.device)
+            blocks.append(_attend(q[:, :, start:end], k[:, :, :end], v[:, :, :end], mask, self.dropout))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)  # (B, H, T, D)
 
     def _keys_values(self, x, context, static):
@@ -227,9 +228,10 @@ def _attend(q, k, v, mask, p: float) -> torch.Tensor:
     return dropout(scores.softmax(-1), p) @ v
 
 
-def _causal_block(start: int, end: int, device) -> torch.Tensor:
-    """Which keys 0..end-1 the queries start..end-1 may see: (end - start, end) bool, True = may attend."""
-    return torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)
+def _causal_block(start: int, end: int, dtype, device) -> torch.Tensor:
+    """The additive mask of queries start..end-1 over keys 0..end-1: (end - start, end), -inf on the
+    keys after each query, 0 elsewhere."""
+    return torch.full((end - start, end), float("-inf"), dtype=dtype, device=device).triu(start + 1)
 
 
 def _prepend_prefix(prefix, k, v, mask, is_causal, q_len):

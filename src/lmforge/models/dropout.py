@@ -60,7 +60,7 @@ def _fill(parts) -> None:
 @functools.cache
 def _threads(n: int, pid: int) -> ThreadPoolExecutor:
     """A pool of n threads, one per process (a forked child gets its own: the parent's threads are gone)."""
-    return ThreadPoolExecutor(max_workers=max(n, 1), thread_name_prefix="lmforge-dropout")
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="lmforge-dropout")
 
 
 class Dropout(nn.Module):
